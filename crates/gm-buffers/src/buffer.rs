@@ -37,6 +37,11 @@ pub trait Replay: Send + Sync + 'static {
         batch_size: usize,
         rng: &mut dyn RngCore,
     ) -> Result<()>;
+    /// Reads the live transitions at FIFO `ranks` (0 = oldest live, `len - 1`
+    /// = newest) into `batch`, in that order, with weights 1. For exact
+    /// inspection (tests, n-step targets, debugging); an out-of-range rank
+    /// is an [`Error::IndexOutOfRange`] and leaves the batch unchanged.
+    fn fetch_into(&self, batch: &mut Batch, ranks: &[usize]) -> Result<()>;
     /// An empty batch for this buffer's schema.
     fn new_batch(&self) -> Batch {
         Batch::new(self.schema())
@@ -60,6 +65,25 @@ pub(crate) fn batch_items(schema: &Schema, cols: &[Column<'_>]) -> Result<usize>
     };
     check_columns(schema, cols, n)?;
     Ok(n)
+}
+
+/// [`Replay::fetch_into`] for any storage.
+pub(crate) fn fetch(st: &Storage, batch: &mut Batch, ranks: &[usize]) -> Result<()> {
+    batch.check_layout(st.schema())?;
+    if let Some((position, &index)) = ranks.iter().enumerate().find(|(_, &r)| r >= st.len()) {
+        return Err(Error::IndexOutOfRange {
+            position,
+            index,
+            capacity: st.capacity(),
+            len: st.len(),
+        });
+    }
+    batch.resize(ranks.len());
+    for (i, &r) in ranks.iter().enumerate() {
+        batch.indices[i] = st.live_slot(r);
+    }
+    batch.weights.fill(1.0);
+    st.gather(batch)
 }
 
 /// Adds every transition of a validated batch through `push`, reporting a
@@ -271,6 +295,9 @@ impl Replay for ReplayBuffer {
     ) -> Result<()> {
         ReplayBuffer::sample_into(self, batch, batch_size, rng)
     }
+    fn fetch_into(&self, batch: &mut Batch, ranks: &[usize]) -> Result<()> {
+        fetch(&self.st, batch, ranks)
+    }
     fn stats(&self) -> BufferStats {
         self.st.stats()
     }
@@ -282,5 +309,41 @@ impl Replay for ReplayBuffer {
     }
     fn bytes_reserved(&self) -> u64 {
         ReplayBuffer::bytes_reserved(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{col, DType, FieldSpec};
+
+    #[test]
+    fn fetch_reads_live_transitions_oldest_first_and_rejects_dead_ranks() {
+        let schema = Schema::new(vec![FieldSpec::plain("id", DType::I64, &[])]).unwrap();
+        let mut buf = ReplayBuffer::new(schema, BufferConfig::with_capacity(5)).unwrap();
+        for id in 0..8i64 {
+            buf.add(&[col(&[id])]).unwrap();
+        }
+        let mut b = buf.new_batch();
+        Replay::fetch_into(&buf, &mut b, &[0, 4, 2]).unwrap();
+        assert_eq!(b.get::<i64>("id").unwrap(), &[3, 7, 5]);
+        assert_eq!(b.weights(), &[1.0; 3]);
+        let e = Replay::fetch_into(&buf, &mut b, &[1, 5]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::IndexOutOfRange {
+                    position: 1,
+                    index: 5,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            b.get::<i64>("id").unwrap(),
+            &[3, 7, 5],
+            "a rejected fetch leaves the batch"
+        );
     }
 }

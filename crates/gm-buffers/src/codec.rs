@@ -25,6 +25,9 @@ pub(crate) fn shuffle(src: &[u8], elem: usize, dst: &mut [u8]) {
 
 fn shuffle_n<const E: usize>(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / E;
+    if n == 0 {
+        return;
+    }
     let (elems, _) = src.as_chunks::<E>();
     for (k, plane) in dst.chunks_exact_mut(n).enumerate() {
         for (d, e) in plane.iter_mut().zip(elems) {
@@ -46,6 +49,9 @@ pub(crate) fn unshuffle(src: &[u8], elem: usize, dst: &mut [u8]) {
 
 fn unshuffle_n<const E: usize>(src: &[u8], dst: &mut [u8]) {
     let n = src.len() / E;
+    if n == 0 {
+        return;
+    }
     let (elems, _) = dst.as_chunks_mut::<E>();
     for (k, plane) in src.chunks_exact(n).enumerate() {
         for (e, &b) in elems.iter_mut().zip(plane) {

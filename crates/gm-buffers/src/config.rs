@@ -134,6 +134,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes_that_overflow_are_config_errors() {
+        let schema = crate::Schema::new(vec![crate::FieldSpec::plain(
+            "x",
+            crate::DType::F64,
+            &[1 << 40],
+        )])
+        .unwrap();
+        let cfg = BufferConfig {
+            capacity: 1 << 30,
+            ..BufferConfig::default()
+        };
+        let e = crate::ReplayBuffer::new(schema, cfg).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+    }
+
+    #[test]
     fn defaults_are_valid_and_bad_values_name_their_key() {
         BufferConfig::default().validate().unwrap();
         let cases: [(BufferConfig, &str); 4] = [

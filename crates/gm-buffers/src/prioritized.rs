@@ -8,9 +8,15 @@
 //! gets: the maximum over the transitions stored *now*, not a running max
 //! that remembers evicted or lowered ones. β anneals linearly from `beta` to
 //! `beta_final` over `beta_steps` sample calls.
+//!
+//! A priority of 0 (possible with `eps = 0`) means "never sampled": such a
+//! transition stays in the min tree (it is the first lowest-priority victim)
+//! but is left out of the weight normaliser, whose largest weight is that of
+//! the smallest *positive* priority; and a max of 0 does not make new
+//! transitions unsampleable (they get `1.0`, as in an empty buffer).
 
 use crate::batch::Batch;
-use crate::buffer::{batch_items, push_all, Replay};
+use crate::buffer::{batch_items, fetch, push_all, Replay};
 use crate::config::BufferConfig;
 use crate::error::{Error, Result};
 use crate::schema::{Column, Schema};
@@ -126,8 +132,10 @@ impl PrioritizedReplayBuffer {
             max: MaxTree::new(n),
             samples: AtomicU64::new(samples),
         };
+        // Every live slot, zero priorities included: a live 0 is the first
+        // lowest-priority victim, exactly as before saving.
         for (i, &v) in leaves.iter().enumerate() {
-            if v > 0.0 {
+            if b.st.is_live(i) {
                 b.set_leaf(i, v);
             }
         }
@@ -169,9 +177,27 @@ impl PrioritizedReplayBuffer {
     }
 
     /// The priority every new transition gets: the largest stored now, or
-    /// `1.0` when the buffer is empty.
+    /// `1.0` when the buffer is empty or every stored priority is 0 (a new
+    /// transition with priority 0 could never be sampled, so never updated).
     pub fn max_priority(&self) -> f64 {
-        self.max.max().unwrap_or(1.0)
+        self.max.max().filter(|&m| m > 0.0).unwrap_or(1.0)
+    }
+
+    /// The smallest positive stored priority: the one with the largest
+    /// importance weight among the transitions that can be sampled. Live
+    /// zeros (only with `eps = 0`) cost a scan of the leaves.
+    fn min_positive(&self) -> Option<f64> {
+        match self.min.min() {
+            Some(m) if m > 0.0 => Some(m),
+            Some(_) => self
+                .sum
+                .leaves()
+                .iter()
+                .copied()
+                .filter(|&v| v > 0.0)
+                .min_by(f64::total_cmp),
+            None => None,
+        }
     }
 
     fn after_push(&mut self, p: Pushed) {
@@ -185,9 +211,15 @@ impl PrioritizedReplayBuffer {
         self.set_leaf(p.slot, v);
     }
 
+    /// The slot a new transition replaces under lowest-priority eviction:
+    /// a slot of minimum priority, the first at or after the slot written
+    /// last (so equal priorities are replaced in ring order, oldest first,
+    /// instead of the same lowest slot again and again).
     fn victim(&self) -> Option<usize> {
         match self.cfg.eviction {
-            Eviction::LowestPriority if self.st.len() == self.st.capacity() => self.min.argmin(),
+            Eviction::LowestPriority if self.st.len() == self.st.capacity() => {
+                self.min.argmin_from(self.st.last_slot() + 1)
+            }
             _ => None,
         }
     }
@@ -212,23 +244,50 @@ impl PrioritizedReplayBuffer {
                 self.unset_leaf((pos % cap) as usize);
             }
             let first = self.st.head_pos() - n as u64;
-            for pos in first..first + n as u64 {
-                self.unset_leaf((pos % cap) as usize);
-            }
-            let v = self.max_priority();
-            for pos in first..first + n as u64 {
-                self.set_leaf((pos % cap) as usize, v);
-            }
+            self.give_batch_the_max((first..first + n as u64).map(|pos| (pos % cap) as usize));
             self.st.housekeeping();
             return Ok(n);
         }
+        // Item by item (slot order, or a batch too large for one bulk push),
+        // then the same rule as above: an early item must not keep (and pass
+        // on) the priority of a transition that a later item evicted.
+        let fifo = self.cfg.eviction == Eviction::Fifo;
+        let head0 = self.st.head_pos();
+        // Slot order only: the slots written (victims are not in ring order).
+        let mut written = Vec::new();
         let r = push_all(n, |i| {
             let p = self.st.push(cols, i, self.victim())?;
             self.after_push(p);
+            if !fifo {
+                written.push(p.slot);
+            }
             Ok(())
         });
+        if fifo {
+            // The positions pushed by this call that are still live.
+            let cap = self.st.capacity() as u64;
+            let head = self.st.head_pos();
+            let live_from = head0.max(head - self.st.len() as u64);
+            self.give_batch_the_max((live_from..head).map(|pos| (pos % cap) as usize));
+        } else {
+            // Every written slot holds an item of this call: slot order
+            // evicts nothing but the victims it overwrites.
+            self.give_batch_the_max(written.into_iter());
+        }
         self.st.housekeeping();
         r
+    }
+
+    /// Gives the items of one `add_batch` call (in `slots`) the largest
+    /// priority among the other transitions stored now.
+    fn give_batch_the_max(&mut self, slots: impl Iterator<Item = usize> + Clone) {
+        for s in slots.clone() {
+            self.unset_leaf(s);
+        }
+        let v = self.max_priority();
+        for s in slots {
+            self.set_leaf(s, v);
+        }
     }
 
     /// β for the next sample call.
@@ -271,26 +330,31 @@ impl PrioritizedReplayBuffer {
         if len == 0 || total <= 0.0 {
             return Err(Error::Empty);
         }
-        let beta = self.beta_at(self.samples.fetch_add(1, Ordering::Relaxed));
-        let p_min = self.min.min().unwrap_or(total) / total;
-        let max_w = (len as f64 * p_min).powf(-beta);
+        // The β schedule advances only when the call succeeds.
+        let beta = self.beta_at(self.samples.load(Ordering::Relaxed));
+        // w_i = (N·P(i))^-β / (N·P_min)^-β = (p_min / p_i)^β: N and the total
+        // cancel, and the ratio form cannot overflow to inf/inf = NaN.
+        let p_min = self.min_positive().unwrap_or(total);
         batch.resize(batch_size);
         let seg = total / batch_size.max(1) as f64;
         for i in 0..batch_size {
             let v = (i as f64 + rng.random::<f64>()) * seg;
             let slot = self.sum.find_prefix(v).ok_or(Error::Empty)?;
-            let p = self.sum.get(slot) / total;
             batch.indices[i] = slot;
-            batch.weights[i] = ((len as f64 * p).powf(-beta) / max_w) as f32;
+            batch.weights[i] = (p_min / self.sum.get(slot)).powf(beta) as f32;
         }
-        self.st.gather(batch)
+        self.st.gather(batch)?;
+        self.samples.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sets the priorities of `indices` (from a batch) to `(p + ε)^α`.
     ///
-    /// Every value is checked first: a NaN, negative or infinite priority,
-    /// an index that holds no live transition, or mismatched lengths is an
-    /// error naming the position, and then nothing is changed.
+    /// Every value is checked first: a NaN, negative or infinite priority
+    /// (or one whose stored priority `(p + ε)^α` would exceed
+    /// `f64::MAX / (2 · capacity)`, so that the sum of all priorities stays
+    /// finite), an index that holds no live transition, or mismatched
+    /// lengths is an error naming the position, and then nothing is changed.
     pub fn update_priorities<P: Copy + Into<f64>>(
         &mut self,
         indices: &[usize],
@@ -303,9 +367,10 @@ impl PrioritizedReplayBuffer {
                 right: priorities.len(),
             });
         }
+        let limit = f64::MAX / (2.0 * self.st.capacity() as f64);
         for (position, (&index, &p)) in indices.iter().zip(priorities).enumerate() {
             let value: f64 = p.into();
-            if !value.is_finite() || value < 0.0 {
+            if !value.is_finite() || value < 0.0 || self.stored(value) > limit {
                 return Err(Error::InvalidPriority {
                     position,
                     index,
@@ -322,10 +387,15 @@ impl PrioritizedReplayBuffer {
             }
         }
         for (&index, &p) in indices.iter().zip(priorities) {
-            let v = (p.into() + self.cfg.eps).powf(self.cfg.alpha);
+            let v = self.stored(p.into());
             self.set_leaf(index, v);
         }
         Ok(())
+    }
+
+    /// The stored priority `(p + ε)^α` of a raw priority `p`.
+    fn stored(&self, p: f64) -> f64 {
+        (p + self.cfg.eps).powf(self.cfg.alpha)
     }
 
     /// The stored priority `(p + ε)^α` of `slot` (0 if it holds nothing).
@@ -441,6 +511,9 @@ impl Replay for PrioritizedReplayBuffer {
         rng: &mut dyn RngCore,
     ) -> Result<()> {
         PrioritizedReplayBuffer::sample_into(self, batch, batch_size, rng)
+    }
+    fn fetch_into(&self, batch: &mut Batch, ranks: &[usize]) -> Result<()> {
+        fetch(&self.st, batch, ranks)
     }
     fn stats(&self) -> BufferStats {
         PrioritizedReplayBuffer::stats(self)

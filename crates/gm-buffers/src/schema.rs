@@ -233,6 +233,16 @@ impl Schema {
             if f.name.is_empty() {
                 return Err(Error::Schema(format!("field {i} has an empty name")));
             }
+            if f.shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .is_none_or(|n| n > isize::MAX as usize / 8)
+            {
+                return Err(Error::Schema(format!(
+                    "field {:?}: shape {:?} is too large",
+                    f.name, f.shape
+                )));
+            }
             if f.shape.contains(&0) {
                 return Err(Error::Schema(format!(
                     "field {:?} has a zero-sized axis in shape {:?}",
@@ -305,6 +315,23 @@ impl Schema {
         self.fields
             .iter()
             .any(|f| matches!(f.kind, FieldKind::Observation { .. }))
+    }
+
+    /// Heap bytes this schema owns (names, shapes, tables).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let f: usize = self
+            .fields
+            .iter()
+            .map(|f| f.name.capacity() + f.shape.capacity() * 8)
+            .sum();
+        let c: usize = self
+            .columns
+            .iter()
+            .map(|c| c.name.capacity() + c.shape.capacity() * 8)
+            .sum();
+        f + c
+            + self.fields.capacity() * std::mem::size_of::<FieldSpec>()
+            + self.columns.capacity() * std::mem::size_of::<ColumnSpec>()
     }
 
     pub(crate) fn column_names(&self) -> String {
@@ -458,6 +485,10 @@ mod tests {
         assert!(e.to_string().contains("zero-sized"), "{e}");
         let e = Schema::new(vec![FieldSpec::window("w", DType::F32, &[])]).unwrap_err();
         assert!(e.to_string().contains("time axis"), "{e}");
+        for shape in [&[1 << 32, 1 << 32, 1 << 32][..], &[4, 1 << 60]] {
+            let e = Schema::new(vec![FieldSpec::window("w", DType::F64, shape)]).unwrap_err();
+            assert!(e.to_string().contains("too large"), "{e}");
+        }
     }
 
     #[test]

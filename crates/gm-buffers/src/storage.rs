@@ -63,6 +63,8 @@ pub(crate) struct Stream {
     row_cap: u64,
     /// Rows ever appended.
     row_head: u64,
+    /// `row_head % row_cap`, kept incrementally (no division on the add path).
+    ring_head: u64,
     /// Per slot: ring index of the obs window's last row.
     ends: Region,
     /// Per slot: rows from the obs window's end to the next window's end.
@@ -177,12 +179,33 @@ impl Storage {
         // Plan every region first, so the placement decision sees the total.
         let mut total = 0u64;
         let mut stream_rows = Vec::new();
+        // Sizes in checked arithmetic: an absurd shape or capacity is an
+        // error, not an overflow.
+        let too_big = |what: &str| {
+            Error::config(
+                "capacity",
+                cap,
+                format!("a size that fits in memory ({what} overflows)"),
+            )
+        };
         for f in schema.fields() {
             let elem = f.dtype().size();
             match f.kind() {
-                FieldKind::Plain => total += (cap * f.numel() * elem) as u64,
+                FieldKind::Plain => {
+                    let bytes = cap
+                        .checked_mul(f.numel())
+                        .and_then(|x| x.checked_mul(elem))
+                        .ok_or_else(|| too_big(f.name()))?;
+                    total = total.saturating_add(bytes as u64);
+                }
                 FieldKind::Observation { window } => {
-                    let rows = cfg.rows_per_stream.unwrap_or(2 * cap + 4 * window);
+                    let rows = match cfg.rows_per_stream {
+                        Some(r) => r,
+                        None => cap
+                            .checked_mul(2)
+                            .and_then(|x| x.checked_add(window.checked_mul(4)?))
+                            .ok_or_else(|| too_big(f.name()))?,
+                    };
                     if rows < 2 * window + 1 {
                         return Err(Error::config(
                             "rows_per_stream",
@@ -194,7 +217,19 @@ impl Storage {
                             ),
                         ));
                     }
-                    total += (rows * f.row_numel() * elem + cap * 6) as u64;
+                    let bytes = rows
+                        .checked_mul(f.row_numel())
+                        .and_then(|x| x.checked_mul(elem))
+                        .and_then(|x| x.checked_add(cap.checked_mul(6)?))
+                        .ok_or_else(|| too_big(f.name()))?;
+                    if rows > u32::MAX as usize {
+                        return Err(Error::config(
+                            "rows_per_stream",
+                            rows,
+                            format!("at most {}", u32::MAX),
+                        ));
+                    }
+                    total = total.saturating_add(bytes as u64);
                     stream_rows.push(rows);
                 }
             }
@@ -239,6 +274,7 @@ impl Storage {
                         rows: Region::new(rows * row_bytes, elem, cb, &backing)?,
                         row_cap: rows as u64,
                         row_head: 0,
+                        ring_head: 0,
                         ends: Region::new(cap * 4, 4, cb, &backing)?.second_tier(),
                         shifts: Region::new(cap * shift_bytes, shift_bytes, cb, &backing)?
                             .second_tier(),
@@ -287,6 +323,10 @@ impl Storage {
     }
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+    /// The slot written by the newest push.
+    pub(crate) fn last_slot(&self) -> usize {
+        self.last_slot
     }
     /// Transitions pushed ever (FIFO position of the next one).
     pub(crate) fn head_pos(&self) -> u64 {
@@ -725,17 +765,28 @@ impl Storage {
     fn append_rows(s: &mut Stream, rows: &[u8]) -> u64 {
         let rb = s.row_bytes;
         let n = (rows.len() / rb) as u64;
-        let ri = s.row_head % s.row_cap;
-        if ri + n <= s.row_cap {
+        let ri = s.ring_head;
+        debug_assert_eq!(ri, s.row_head % s.row_cap);
+        let mut end = ri + n;
+        if end <= s.row_cap {
             s.rows.write(ri as usize * rb, rows);
         } else {
             let first = (s.row_cap - ri) as usize * rb;
             s.rows.write(ri as usize * rb, &rows[..first]);
             s.rows.write(0, &rows[first..]);
         }
+        if end >= s.row_cap {
+            end -= s.row_cap;
+        }
+        s.ring_head = end;
         s.row_head += n;
         s.rows_appended += n;
-        (ri + n + s.row_cap - 1) % s.row_cap
+        // ring index of the newest row
+        if end == 0 {
+            s.row_cap - 1
+        } else {
+            end - 1
+        }
     }
 
     /// Releases whole row chunks that no live transition can reach any more.
@@ -974,6 +1025,7 @@ impl Storage {
     pub(crate) fn clear(&mut self) {
         self.head = 0;
         self.len = 0;
+        self.counters.adds = 0;
         self.fresh_episode = true;
         self.next_sweep_at = 0;
         self.episode_end.fill(0);
@@ -985,6 +1037,8 @@ impl Storage {
             s.ends.release_all();
             s.shifts.release_all();
             s.row_head = 0;
+            s.ring_head = 0;
+            s.rows_appended = 0;
             s.released_below = 0;
             s.tail_start_lb = 0;
             s.hint = 1;
@@ -1012,6 +1066,10 @@ impl Storage {
             u.reserved_bytes += (r.mapped_bytes() + r.heap_bytes()) as u64;
         }
         let heap = (self.episode_end.capacity() * 8
+            + self.schema.heap_bytes()
+            + self.plain.capacity() * std::mem::size_of::<PlainCol>()
+            + self.streams.capacity() * std::mem::size_of::<Stream>()
+            + self.out.capacity() * std::mem::size_of::<OutCol>()
             + self.scratch.capacity()
             + self.plan_buf.capacity() * 4
             + self.write_cache.heap_bytes()
@@ -1138,6 +1196,7 @@ impl Storage {
         };
         for (s, v) in self.streams.iter_mut().zip(&st.streams) {
             s.row_head = v[1];
+            s.ring_head = v[1] % s.row_cap;
             s.hint = v[2] as usize;
             s.released_below = v[3];
             s.rows_appended = v[4];

@@ -493,6 +493,47 @@ impl ExtremumTree<Min> {
     }
 }
 
+impl ExtremumTree<Min> {
+    /// Lowest index `>= start` of a leaf holding [`MinTree::min`], wrapping
+    /// around to the lowest index overall when there is none at or after
+    /// `start`; `None` if no leaf is set. O(log n). Used to break ties among
+    /// equal lowest priorities in ring order (oldest first) rather than
+    /// always at the lowest index.
+    pub(crate) fn argmin_from(&self, start: usize) -> Option<usize> {
+        let best = self.tree[1];
+        if best == Min::IDENTITY {
+            return None;
+        }
+        if start < self.len {
+            // Nodes covering leaves [start, size) from left to right.
+            let mut nodes = [0usize; 64];
+            let mut n = 0;
+            let (mut l, mut r) = (start + self.size, 2 * self.size);
+            while l < r {
+                if l & 1 == 1 {
+                    nodes[n] = l;
+                    n += 1;
+                    l += 1;
+                }
+                l >>= 1;
+                r >>= 1;
+            }
+            if let Some(&top) = nodes[..n].iter().find(|&&k| self.tree[k] == best) {
+                let mut k = top;
+                while k < self.size {
+                    k = if self.tree[2 * k] == best {
+                        2 * k
+                    } else {
+                        2 * k + 1
+                    };
+                }
+                return Some(k - self.size);
+            }
+        }
+        self.arg_extremum()
+    }
+}
+
 impl ExtremumTree<Max> {
     /// Largest value over the set leaves, or `None` if no leaf is set; O(1).
     #[inline]
@@ -512,6 +553,50 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::sample::Index;
+
+    #[test]
+    fn argmin_from_finds_the_first_minimum_at_or_after_start_and_wraps() {
+        let mut t = MinTree::new(10);
+        for (i, v) in [3.0, 1.0, 2.0, 1.0, 5.0, 1.0, 4.0, 9.0, 1.0, 7.0]
+            .into_iter()
+            .enumerate()
+        {
+            t.set(i, v);
+        }
+        let naive = |start: usize| {
+            let m = t.min().unwrap();
+            (start..10).chain(0..start).find(|&i| t.get(i) == Some(m))
+        };
+        for start in 0..12 {
+            assert_eq!(
+                t.argmin_from(start),
+                naive(start.min(10) % 10).or(t.argmin()),
+                "start {start}"
+            );
+        }
+        assert_eq!(t.argmin_from(2), Some(3));
+        assert_eq!(t.argmin_from(9), Some(1));
+        t.clear();
+        assert_eq!(t.argmin_from(0), None);
+    }
+
+    proptest! {
+        #[test]
+        fn argmin_from_matches_a_scan(vals in proptest::collection::vec(prop::option::of(0u8..4), 1..70), start in 0usize..80) {
+            let mut t = MinTree::new(vals.len());
+            for (i, v) in vals.iter().enumerate() {
+                if let Some(v) = v {
+                    t.set(i, *v as f64);
+                }
+            }
+            let n = vals.len();
+            let expect = t.min().and_then(|m| {
+                let s = if start < n { start } else { 0 };
+                (s..n).chain(0..s).find(|&i| t.get(i) == Some(m))
+            });
+            prop_assert_eq!(t.argmin_from(start), expect);
+        }
+    }
 
     // ---------------------------------------------------------------- helpers
 
