@@ -37,6 +37,10 @@ const TAG_PRIORITIES: u8 = 4;
 const TAG_END: u8 = 255;
 const KIND_UNIFORM: u8 = 0;
 const KIND_PRIORITIZED: u8 = 1;
+/// Largest position or counter a file may record (2^62: no run gets there).
+const MAX_COUNTER: u64 = 1 << 62;
+/// Largest storage a file may describe: more than any address space maps.
+const MAX_STORAGE_BYTES: u64 = 1 << 47;
 
 // ------------------------------------------------------------------ encoding
 
@@ -99,6 +103,15 @@ impl<'a> Dec<'a> {
         Ok(f64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
+    }
+    /// A position or counter that later adds increment: bounded far below
+    /// `u64::MAX`, so a crafted value cannot make an add overflow.
+    fn counter(&mut self, what: &str) -> Result<u64> {
+        let v = self.u64()?;
+        if v > MAX_COUNTER {
+            return Err(self.err(format!("{what} = {v} is out of range")));
+        }
+        Ok(v)
     }
     fn usize(&mut self, what: &str, max: u64) -> Result<usize> {
         let v = self.u64()?;
@@ -217,7 +230,8 @@ impl In {
         let len = self.u64()?;
         if len > self.left {
             return Err(self.err(format!(
-                "{what} section claims {len} bytes, the file has {} left",
+                "file is truncated (or its length field corrupt): the {what} section claims \
+                 {len} bytes, the file has {} left",
                 self.left
             )));
         }
@@ -375,6 +389,36 @@ fn encode_header(e: &mut Enc, kind: u8, st: &Storage, per: Option<(&PerConfig, u
     }
 }
 
+/// Bytes of one item of a field (`None` on overflow).
+fn item_bytes(dtype: DType, shape: &[usize]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
+}
+
+/// An upper bound of the bytes the storage for `schema` and `config` maps
+/// (`None` on overflow): per slot every item, plus the rows of each
+/// observation stream.
+fn storage_bound(schema: &Schema, config: &BufferConfig) -> Option<u64> {
+    let cap = config.capacity as u64;
+    schema.fields().iter().try_fold(0u64, |total, f| {
+        let item = item_bytes(f.dtype(), f.shape())?;
+        let bytes = match f.kind() {
+            FieldKind::Plain => cap.checked_mul(item)?,
+            FieldKind::Observation { window } => {
+                let rows = match config.rows_per_stream {
+                    Some(r) => r as u64,
+                    None => cap.checked_mul(2)?.checked_add(4 * window as u64)?,
+                };
+                let row_bytes = item / window.max(1) as u64;
+                rows.checked_mul(row_bytes)?
+                    .checked_add(cap.checked_mul(6)?)?
+            }
+        };
+        total.checked_add(bytes)
+    })
+}
+
 struct Header {
     kind: u8,
     schema: Schema,
@@ -406,6 +450,12 @@ fn decode_header(d: &mut Dec<'_>) -> Result<Header> {
         let shape = (0..nd)
             .map(|_| d.usize("dimension", 1 << 32))
             .collect::<Result<Vec<_>>>()?;
+        // Checked here: the schema and storage compute sizes unchecked.
+        if item_bytes(dtype, &shape).is_none_or(|b| b > MAX_STORAGE_BYTES) {
+            return Err(d.err(format!(
+                "field {name:?}: shape {shape:?} of {dtype} is too large"
+            )));
+        }
         fields.push(match k {
             0 => FieldSpec::plain(name, dtype, &shape),
             1 => FieldSpec::obs(name, dtype, &shape),
@@ -441,18 +491,24 @@ fn decode_header(d: &mut Dec<'_>) -> Result<Header> {
     config
         .validate()
         .map_err(|e| d.err(format!("recorded config is invalid: {e}")))?;
+    if storage_bound(&schema, &config).is_none_or(|b| b > MAX_STORAGE_BYTES) {
+        return Err(d.err(format!(
+            "the recorded schema needs more than {MAX_STORAGE_BYTES} bytes for {capacity} \
+             transitions"
+        )));
+    }
     let order = match d.u8()? {
         0 => Order::Fifo,
         1 => Order::Slots,
         o => return Err(d.err(format!("unknown order {o}"))),
     };
-    let head = d.u64()?;
+    let head = d.counter("head")?;
     let len = d.u64()?;
     let fresh_episode = d.u8()? != 0;
     let last_slot = d.u64()?;
     let mut counters = [0u64; 5];
     for c in &mut counters {
-        *c = d.u64()?;
+        *c = d.counter("a statistics counter")?;
     }
     let ns = d.u32()? as usize;
     if ns > nf {
@@ -462,7 +518,7 @@ fn decode_header(d: &mut Dec<'_>) -> Result<Header> {
     for _ in 0..ns {
         let mut v = [0u64; 5];
         for x in &mut v {
-            *x = d.u64()?;
+            *x = d.counter("a stream counter")?;
         }
         streams.push(v);
     }
@@ -489,10 +545,26 @@ fn decode_header(d: &mut Dec<'_>) -> Result<Header> {
         };
         p.validate()
             .map_err(|e| d.err(format!("recorded priority config is invalid: {e}")))?;
-        Some((p, d.u64()?))
+        let samples = d.counter("sample calls")?;
+        Some((p, samples))
     } else {
         None
     };
+    // The order follows from the kind: FIFO for uniform buffers, slot order
+    // exactly for lowest-priority eviction.
+    let slots = match &per {
+        None => false,
+        Some((p, _)) => p.eviction == Eviction::LowestPriority,
+    };
+    if slots != (order == Order::Slots) {
+        return Err(d.err(format!(
+            "recorded order {order:?} does not match a {} buffer",
+            match &per {
+                None => "uniform".to_owned(),
+                Some((p, _)) => format!("prioritized {:?}-eviction", p.eviction),
+            }
+        )));
+    }
     if !d.buf.is_empty() {
         return Err(d.err(format!(
             "header has {} unexpected trailing bytes",
@@ -611,6 +683,17 @@ fn load_storage(
     }
     let hb = inp.section(TAG_HEADER, "header", 1 << 24)?;
     let header = decode_header(&mut Dec { buf: &hb, path })?;
+    // The episode bitset (and priorities) alone take this many bytes: a
+    // file too short for them is rejected before any storage is mapped.
+    let cap = header.config.capacity as u64;
+    let needed = cap.div_ceil(64) * 8 + if header.per.is_some() { 8 * cap } else { 0 };
+    if needed > inp.left {
+        return Err(inp.err(format!(
+            "file is truncated: a buffer of {cap} transitions needs at least {needed} more \
+             bytes, the file has {} left",
+            inp.left
+        )));
+    }
     let mut config = header.config.clone();
     if let Some(m) = storage_override {
         config.storage = m;
@@ -646,9 +729,11 @@ fn load_storage(
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
             .collect();
+        // As `update_priorities` guarantees: the sum of all stays finite.
+        let limit = f64::MAX / (2.0 * st.capacity() as f64);
         for (slot, &v) in leaves.iter().enumerate() {
             let live = st.is_live(slot);
-            if !(v.is_finite() && v >= 0.0)
+            if !(v.is_finite() && v >= 0.0 && v <= limit)
                 || (live && v == 0.0 && header.per.as_ref().is_some_and(|p| p.0.eps > 0.0))
                 || (!live && v != 0.0)
             {
