@@ -6,12 +6,10 @@ use crate::batch::Batch;
 use crate::buffer::Replay;
 use crate::error::{Error, Result};
 use crate::shared::SharedReplay;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError, Select, Sender};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,7 +51,8 @@ impl PrefetchBuilder {
         self.min_len = Some(n);
         self
     }
-    /// How often to re-check while waiting for data or stopping.
+    /// How often to re-check the buffer's length while waiting for data
+    /// (stopping does not wait for it).
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll = d;
         self
@@ -65,40 +64,72 @@ impl PrefetchBuilder {
             return Err(Error::config("batch_size", 0, "at least 1"));
         }
         let (tx, rx) = bounded::<Result<Batch>>(self.depth);
+        // The pool: `depth` batches in the channel, one with the consumer,
+        // one being filled.
         let (free_tx, free_rx) = bounded::<Batch>(self.depth + 2);
         for _ in 0..self.depth + 2 {
             free_tx.send(shared.new_batch()).expect("channel has room");
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        // crossbeam allocates a channel's list of waiting receivers (and a
+        // thread's wait context) the first time a receiver blocks. Register
+        // and withdraw once now, while nothing can be ready, so that a
+        // consumer's first blocking `next` allocates nothing.
+        let mut warm = Select::new();
+        warm.recv(&rx);
+        if let Ok(op) = warm.try_select() {
+            let _ = op.recv(&rx);
+        }
+        drop(warm);
+        // Never sent on: dropping the sender wakes the thread at once,
+        // whatever it is waiting for and however long the poll interval.
+        let (stop_tx, stop_rx) = bounded::<()>(0);
         let min_len = self.min_len.unwrap_or(self.batch_size).max(1);
-        // The thread returns a batch to the pool itself when sampling fails.
-        let free_back = free_tx.clone();
+        let (batch_size, poll) = (self.batch_size, self.poll);
+        let mut rng = StdRng::seed_from_u64(self.seed);
         let handle = std::thread::Builder::new()
             .name("gm-replay-prefetch".into())
             .spawn(move || {
-                let mut rng = StdRng::seed_from_u64(self.seed);
-                while !stop2.load(Ordering::Relaxed) {
-                    let mut batch = match free_rx.recv_timeout(self.poll) {
-                        Ok(b) => b,
-                        Err(RecvTimeoutError::Timeout) => continue,
-                        Err(RecvTimeoutError::Disconnected) => return,
+                // A batch kept across a wait or a failed sample.
+                let mut spare: Option<Batch> = None;
+                loop {
+                    let mut batch = match spare.take() {
+                        Some(b) => b,
+                        None => select! {
+                            recv(free_rx) -> b => match b {
+                                Ok(b) => b,
+                                Err(_) => return,
+                            },
+                            recv(stop_rx) -> _ => return,
+                        },
                     };
-                    while shared.len() < min_len {
-                        if stop2.load(Ordering::Relaxed) {
-                            return;
+                    // The length check and the sample under one read lock,
+                    // so a concurrent `clear` cannot slip in between.
+                    let sampled = {
+                        let buf = shared.read();
+                        if buf.len() < min_len {
+                            Err(Error::Empty)
+                        } else {
+                            buf.sample_into(&mut batch, batch_size, &mut rng)
                         }
-                        std::thread::sleep(self.poll);
-                    }
-                    let item = match shared.sample_into(&mut batch, self.batch_size, &mut rng) {
+                    };
+                    let item = match sampled {
                         Ok(()) => Ok(batch),
+                        // Not enough data (yet, or again after a clear): wait.
+                        Err(Error::Empty) => {
+                            spare = Some(batch);
+                            match stop_rx.recv_timeout(poll) {
+                                Err(RecvTimeoutError::Timeout) => continue,
+                                _ => return,
+                            }
+                        }
                         Err(e) => {
-                            let _ = free_back.try_send(batch);
+                            spare = Some(batch);
                             Err(e)
                         }
                     };
-                    if tx.send(item).is_err() {
-                        return;
+                    select! {
+                        send(tx, item) -> r => if r.is_err() { return },
+                        recv(stop_rx) -> _ => return,
                     }
                 }
             })
@@ -108,24 +139,33 @@ impl PrefetchBuilder {
         Ok(Prefetcher {
             rx: Some(rx),
             free: Some(free_tx),
-            stop,
+            stop: Some(stop_tx),
             handle: Some(handle),
         })
     }
 }
 
 /// Handle to the prefetch thread. Dropping it stops and joins the thread.
+///
+/// The thread samples only while the buffer holds at least `min_len`
+/// transitions and otherwise waits (also after a `clear`); any other
+/// sampling error is handed to the consumer in place of a batch, and the
+/// thread carries on.
 #[derive(Debug)]
 pub struct Prefetcher {
     rx: Option<Receiver<Result<Batch>>>,
     free: Option<Sender<Batch>>,
-    stop: Arc<AtomicBool>,
+    stop: Option<Sender<()>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
     /// The next ready batch (blocks). The batch returns to the pool when the
     /// guard is dropped.
+    ///
+    /// Allocates nothing on the thread that spawned the prefetcher; on any
+    /// other thread, crossbeam creates a small wait context (once per thread)
+    /// the first time it blocks.
     pub fn next(&self) -> Result<PrefetchedBatch<'_>> {
         let rx = self.rx.as_ref().expect("present until drop");
         let b = rx
@@ -161,9 +201,9 @@ impl Prefetcher {
 
 impl Drop for Prefetcher {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Closing the ready channel wakes a thread blocked in `send`; a thread
-        // waiting for a free batch or for data sees `stop` within one poll.
+        // Each of these wakes the thread wherever it waits: for a free batch,
+        // for data, or to hand a batch over on a full channel.
+        self.stop.take();
         self.rx.take();
         self.free.take();
         if let Some(h) = self.handle.take() {

@@ -53,6 +53,12 @@ impl<B: Replay> SharedReplay<B> {
     }
 
     /// Marks the newest transition as the last of its episode.
+    ///
+    /// "Newest" is the buffer's, not the caller's: with several writers
+    /// another thread may have added in between. Writers that share the
+    /// buffer should go through a [`Writer`], whose
+    /// [`mark_episode_end`](Writer::mark_episode_end) marks its own
+    /// transition.
     pub fn mark_episode_end(&self) {
         self.inner.write().mark_episode_end()
     }
@@ -149,8 +155,12 @@ impl<B: Replay + MemoryReport> Reclaim for SharedReplay<B> {
 }
 
 /// A per-actor staging area: [`add`](Writer::add) copies into a local
-/// chunk, and every `chunk` transitions the chunk goes into the buffer
-/// under one lock acquisition. Dropping the writer flushes what is staged.
+/// chunk of `chunk` transitions, and the chunk goes into the buffer under
+/// one lock acquisition when the next transition finds it full (or on
+/// [`flush`](Writer::flush), or when the writer is dropped). A transition
+/// therefore stays staged until the one after it arrives, so
+/// [`mark_episode_end`](Writer::mark_episode_end) right after an `add`
+/// always marks that transition, even while other writers add concurrently.
 ///
 /// The staging memory is allocated once, at creation.
 #[derive(Debug)]
@@ -161,6 +171,9 @@ pub struct Writer<B: Replay> {
     staged: usize,
     cols: Vec<Vec<u8>>,
     episode_end: Vec<bool>,
+    /// The buffer's `stats().adds` right after an explicit `flush` stored
+    /// everything: while it is unchanged, the newest transition is ours.
+    flushed_at: Option<u64>,
 }
 
 impl<B: Replay> Writer<B> {
@@ -177,34 +190,48 @@ impl<B: Replay> Writer<B> {
             staged: 0,
             cols,
             episode_end: Vec::with_capacity(chunk),
+            flushed_at: None,
         }
     }
 
-    /// Stages one transition (validated now); flushes when the chunk is full.
-    /// If that flush fails, the staged transitions stay staged (see
-    /// [`flush`](Writer::flush)) and the error is returned.
+    /// Stages one transition. Bad input is rejected before anything else
+    /// happens. If the chunk is full, it is flushed first; if that flush
+    /// fails, `cols` is not staged, the transitions not stored stay staged
+    /// (see [`flush`](Writer::flush)) and the error is returned.
     pub fn add(&mut self, cols: &[Column<'_>]) -> Result<()> {
-        if self.staged == self.chunk {
-            self.flush()?;
-        }
         check_columns(&self.schema, cols, 1)?;
+        if self.staged == self.chunk {
+            self.store_staged(false)?;
+        }
         for (dst, c) in self.cols.iter_mut().zip(cols) {
             dst.extend_from_slice(c.bytes);
         }
         self.episode_end.push(false);
         self.staged += 1;
-        if self.staged == self.chunk {
-            self.flush()?;
-        }
+        self.flushed_at = None;
         Ok(())
     }
 
-    /// Marks the last staged (or, if none is staged, the last added)
-    /// transition as an episode end.
-    pub fn mark_episode_end(&mut self) {
-        match self.episode_end.last_mut() {
-            Some(e) => *e = true,
-            None => self.shared.mark_episode_end(),
+    /// Marks this writer's newest transition as an episode end and returns
+    /// true. That transition is normally still staged, so this is exact
+    /// whatever other writers do. After an explicit [`flush`](Writer::flush)
+    /// it is marked in the buffer if it is still the buffer's newest; if
+    /// another writer has added since (or this writer never added anything),
+    /// nothing is marked and the result is false.
+    pub fn mark_episode_end(&mut self) -> bool {
+        if let Some(e) = self.episode_end.last_mut() {
+            *e = true;
+            return true;
+        }
+        let Some(at) = self.flushed_at else {
+            return false;
+        };
+        let mut buf = self.shared.write();
+        if buf.stats().adds == at && !buf.is_empty() {
+            buf.mark_episode_end();
+            true
+        } else {
+            false
         }
     }
 
@@ -220,8 +247,16 @@ impl<B: Replay> Writer<B> {
         if self.staged == 0 {
             return Ok(());
         }
+        self.store_staged(true)
+    }
+
+    /// Stores the staged transitions (see [`flush`](Writer::flush)); with
+    /// `note_newest`, also remembers, under the same lock, the buffer's add
+    /// count once everything is stored, for `mark_episode_end`.
+    fn store_staged(&mut self, note_newest: bool) -> Result<()> {
         let specs: &[ColumnSpec] = self.schema.columns();
         let mut done = 0;
+        let mut newest = None;
         let result = {
             let mut buf = self.shared.write();
             let mut result = Ok(());
@@ -262,8 +297,12 @@ impl<B: Replay> Writer<B> {
                     }
                 }
             }
+            if note_newest && result.is_ok() {
+                newest = Some(buf.stats().adds);
+            }
             result
         };
+        self.flushed_at = newest;
         // Drop what was stored, keep the rest staged.
         for (bytes, s) in self.cols.iter_mut().zip(specs) {
             bytes.drain(..done * s.numel * s.dtype.size());
