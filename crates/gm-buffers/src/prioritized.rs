@@ -95,6 +95,8 @@ pub struct PrioritizedReplayBuffer {
     min: MinTree,
     max: MaxTree,
     samples: AtomicU64,
+    /// (slot, stored priority) of the update in progress (reused).
+    pending: Vec<(usize, f64)>,
 }
 
 impl PrioritizedReplayBuffer {
@@ -114,6 +116,7 @@ impl PrioritizedReplayBuffer {
             min: MinTree::new(n),
             max: MaxTree::new(n),
             samples: AtomicU64::new(0),
+            pending: Vec::new(),
         })
     }
 
@@ -131,6 +134,7 @@ impl PrioritizedReplayBuffer {
             min: MinTree::new(n),
             max: MaxTree::new(n),
             samples: AtomicU64::new(samples),
+            pending: Vec::new(),
         };
         // Every live slot, zero priorities included: a live 0 is the first
         // lowest-priority victim, exactly as before saving.
@@ -368,9 +372,13 @@ impl PrioritizedReplayBuffer {
             });
         }
         let limit = f64::MAX / (2.0 * self.st.capacity() as f64);
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.clear();
         for (position, (&index, &p)) in indices.iter().zip(priorities).enumerate() {
             let value: f64 = p.into();
-            if !value.is_finite() || value < 0.0 || self.stored(value) > limit {
+            let stored = self.stored(value);
+            if !value.is_finite() || value < 0.0 || stored > limit {
+                self.pending = pending;
                 return Err(Error::InvalidPriority {
                     position,
                     index,
@@ -378,6 +386,7 @@ impl PrioritizedReplayBuffer {
                 });
             }
             if !self.st.is_live(index) {
+                self.pending = pending;
                 return Err(Error::IndexOutOfRange {
                     position,
                     index,
@@ -385,11 +394,16 @@ impl PrioritizedReplayBuffer {
                     len: self.st.len(),
                 });
             }
+            pending.push((index, stored));
         }
-        for (&index, &p) in indices.iter().zip(priorities) {
-            let v = self.stored(p.into());
-            self.set_leaf(index, v);
+        // One pass over the sum tree for the whole batch (shared ancestors
+        // are recomputed once); min/max usually stop after a few levels.
+        self.sum.set_many(&pending);
+        for &(index, v) in &pending {
+            self.min.set(index, v);
+            self.max.set(index, v);
         }
+        self.pending = pending;
         Ok(())
     }
 
@@ -453,7 +467,10 @@ impl PrioritizedReplayBuffer {
     }
 
     fn tree_bytes(&self) -> u64 {
-        (self.sum.memory_bytes() + self.min.memory_bytes() + self.max.memory_bytes()) as u64
+        (self.sum.memory_bytes()
+            + self.min.memory_bytes()
+            + self.max.memory_bytes()
+            + self.pending.capacity() * std::mem::size_of::<(usize, f64)>()) as u64
     }
 
     /// Resident bytes: heap (trees included) + anonymous memory + file pages.

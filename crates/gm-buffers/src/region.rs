@@ -404,6 +404,40 @@ impl Region {
         }
     }
 
+    /// Forgets chunks `first..end` (all dead) with one `madvise` for the
+    /// whole span. Returns resident bytes freed.
+    pub(crate) fn release_run(&mut self, first: usize, end: usize) -> usize {
+        let mut freed = 0;
+        let mut any_raw = false;
+        for c in first..end {
+            match std::mem::replace(&mut self.states[c], Chunk::Empty) {
+                Chunk::Empty => {}
+                Chunk::Raw { .. } => {
+                    self.raw_chunks -= 1;
+                    freed += self.chunk_bytes;
+                    any_raw = true;
+                }
+                Chunk::Compressed { data, .. } => {
+                    self.compressed_chunks -= 1;
+                    self.compressed_bytes -= data.len();
+                    freed += data.len();
+                }
+            }
+        }
+        if any_raw {
+            let cb = self.chunk_bytes;
+            // SAFETY: as in `drop_pages`, for a chunk-aligned span inside the map.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    first * cb,
+                    (end - first) * cb,
+                )
+            };
+        }
+        freed
+    }
+
     fn drop_pages(&mut self, c: usize) {
         let cb = self.chunk_bytes;
         // SAFETY: the range is inside the map and chunk-aligned (page-aligned).

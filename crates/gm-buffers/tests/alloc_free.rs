@@ -106,7 +106,9 @@ fn prioritized_sample_and_update_allocate_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let mut batch = buf.new_batch();
     let prios: Vec<f32> = (0..256).map(|i| 0.1 + i as f32 * 0.01).collect();
+    // warm-up: the batch and the update's scratch grow once
     buf.sample_into(&mut batch, 256, &mut rng).unwrap();
+    buf.update_priorities(batch.indices(), &prios).unwrap();
     let (_, m) = measure_thread(|| {
         for _ in 0..200 {
             buf.sample_into(&mut batch, 256, &mut rng).unwrap();
