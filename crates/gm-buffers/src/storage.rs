@@ -455,6 +455,29 @@ impl Storage {
         Ok(Self::abs_row(s, end) + 1 - s.window as u64)
     }
 
+    /// How many of the oldest transitions must go (at least `evict`, the
+    /// count already decided) so that appending `rows` rows to stream `si`
+    /// overwrites no row of a live transition. Only reads; records the new
+    /// oldest transition's first row as the stream's lower bound.
+    fn evict_for_rows(&mut self, si: usize, rows: u64, mut evict: usize) -> Result<usize> {
+        let s = &self.streams[si];
+        let floor = (s.row_head + rows).saturating_sub(s.row_cap);
+        if floor <= s.tail_start_lb {
+            return Ok(evict);
+        }
+        let tail = self.head - self.len as u64;
+        while evict < self.len {
+            let start = self.obs_start(si, tail + evict as u64)?;
+            if start >= floor {
+                // tail + evict becomes the oldest live transition
+                self.streams[si].tail_start_lb = start;
+                break;
+            }
+            evict += 1;
+        }
+        Ok(evict)
+    }
+
     /// Adds transition `item` of `cols` (already validated for `items`).
     /// `victim`: the slot to overwrite in slot order once full.
     pub(crate) fn push(
@@ -495,23 +518,8 @@ impl Storage {
             }
             Order::Fifo => {
                 let mut evict = usize::from(self.len == self.cap);
-                let tail = self.head - self.len as u64;
                 for (si, &(k_obs, k_next)) in plans.iter().enumerate() {
-                    let s = &self.streams[si];
-                    let new_head = s.row_head + (k_obs + k_next) as u64;
-                    let floor = new_head.saturating_sub(s.row_cap);
-                    if floor <= s.tail_start_lb {
-                        continue;
-                    }
-                    while evict < self.len {
-                        let start = self.obs_start(si, tail + evict as u64)?;
-                        if start >= floor {
-                            // tail + evict becomes the oldest live transition
-                            self.streams[si].tail_start_lb = start;
-                            break;
-                        }
-                        evict += 1;
-                    }
+                    evict = self.evict_for_rows(si, (k_obs + k_next) as u64, evict)?;
                 }
                 ((self.head % self.cap as u64) as usize, evict)
             }
@@ -608,19 +616,7 @@ impl Storage {
                 .iter()
                 .map(|&(a, b)| (a + b) as u64)
                 .sum();
-            let floor =
-                (self.streams[si].row_head + total).saturating_sub(self.streams[si].row_cap);
-            if floor <= self.streams[si].tail_start_lb {
-                continue;
-            }
-            while evict < self.len {
-                let start = self.obs_start(si, tail + evict as u64)?;
-                if start >= floor {
-                    self.streams[si].tail_start_lb = start;
-                    break;
-                }
-                evict += 1;
-            }
+            evict = self.evict_for_rows(si, total, evict)?;
         }
         // 3. Prepare (the only fallible step).
         let cap = self.cap as u64;
