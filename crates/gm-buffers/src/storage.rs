@@ -1293,3 +1293,97 @@ impl Stream {
         self.row_bytes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{col, BufferConfig, DType, FieldSpec, ReplayBuffer, Schema, StorageMode};
+
+    fn schema() -> Schema {
+        Schema::new(vec![
+            FieldSpec::window("w", DType::F32, &[8, 4]),
+            FieldSpec::plain("r", DType::F32, &[16]),
+        ])
+        .unwrap()
+    }
+
+    /// Adds step `t` of a smooth series (compressible rows).
+    fn add(buf: &mut ReplayBuffer, t: usize) {
+        let row = |i: usize| (0..4).map(move |k| 100.0 + ((i * 4 + k) as f32 * 1e-3).sin());
+        let obs: Vec<f32> = (t..t + 8).flat_map(row).collect();
+        let next: Vec<f32> = (t + 1..t + 9).flat_map(row).collect();
+        let r = [t as f32; 16];
+        buf.add(&[col(&obs), col(&next), col(&r)]).unwrap();
+    }
+
+    #[test]
+    fn compression_starts_when_resident_bytes_reach_the_budget_mark() {
+        let budget = 400_000u64;
+        let cfg = BufferConfig {
+            chunk_bytes: 4096,
+            byte_budget: Some(budget),
+            storage: StorageMode::Memory,
+            ..BufferConfig::with_capacity(20_000)
+        };
+        let mut buf = ReplayBuffer::new(schema(), cfg).unwrap();
+        let mark = (budget as f64 * 0.8) as u64;
+        let mut t = 0;
+        // Below the mark nothing is compressed.
+        loop {
+            let before = buf.stats();
+            add(&mut buf, t);
+            t += 1;
+            let after = buf.stats();
+            if after.compressed_chunks > 0 {
+                let used = before.memory.resident_bytes();
+                assert!(
+                    used + 2 * 4096 + 1024 >= mark,
+                    "compressed at {used} B, mark {mark} B"
+                );
+                break;
+            }
+            assert!(
+                after.memory.resident_bytes() < mark + 64 * 1024,
+                "no compression past the mark"
+            );
+            assert!(t < 20_000, "the mark was never reached");
+        }
+        // From then on the buffer stays around the mark while it keeps filling.
+        for _ in 0..10_000 {
+            add(&mut buf, t);
+            t += 1;
+        }
+        let st = buf.stats();
+        assert!(
+            st.memory.resident_bytes() <= budget,
+            "{} B resident, budget {budget}",
+            st.memory.resident_bytes()
+        );
+        assert!(
+            st.compression_ratio() > 1.5,
+            "ratio {}",
+            st.compression_ratio()
+        );
+        assert!(st.compress_sweeps > 0);
+    }
+
+    #[test]
+    fn auto_storage_moves_to_a_file_above_the_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |threshold_bytes| BufferConfig {
+            storage: StorageMode::Auto { threshold_bytes },
+            storage_dir: Some(dir.path().to_owned()),
+            ..BufferConfig::with_capacity(1000)
+        };
+        let small = ReplayBuffer::new(schema(), mk(100_000_000)).unwrap();
+        assert_eq!(small.stats().file_dir, None);
+        let big = ReplayBuffer::new(schema(), mk(10_000)).unwrap();
+        assert_eq!(big.stats().file_dir.as_deref(), Some(dir.path()));
+        // The default threshold is 100 MB.
+        assert_eq!(
+            BufferConfig::default().storage,
+            StorageMode::Auto {
+                threshold_bytes: 100_000_000
+            }
+        );
+    }
+}
