@@ -53,6 +53,10 @@ pub trait Replay: Send + Sync + 'static {
     fn compress_cold(&mut self, target_bytes: u64) -> u64;
     /// Resident bytes (heap + anonymous memory + touched file pages).
     fn bytes_used(&self) -> u64;
+    /// An estimate of what compressing every cold chunk would free now: the
+    /// raw bytes compression could still touch, times (1 - 1/ratio) with
+    /// the ratio achieved so far (2 before anything was compressed).
+    fn reclaimable_bytes(&self) -> u64;
     /// Bytes claimed (heap capacity + mapped address space).
     fn bytes_reserved(&self) -> u64;
 }
@@ -306,6 +310,9 @@ impl Replay for ReplayBuffer {
     }
     fn bytes_used(&self) -> u64 {
         ReplayBuffer::bytes_used(self)
+    }
+    fn reclaimable_bytes(&self) -> u64 {
+        self.st.reclaimable_bytes()
     }
     fn bytes_reserved(&self) -> u64 {
         ReplayBuffer::bytes_reserved(self)

@@ -541,6 +541,9 @@ impl Replay for PrioritizedReplayBuffer {
     fn bytes_used(&self) -> u64 {
         PrioritizedReplayBuffer::bytes_used(self)
     }
+    fn reclaimable_bytes(&self) -> u64 {
+        self.st.reclaimable_bytes()
+    }
     fn bytes_reserved(&self) -> u64 {
         PrioritizedReplayBuffer::bytes_reserved(self)
     }

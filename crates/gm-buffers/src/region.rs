@@ -499,6 +499,22 @@ impl Region {
         Ok(())
     }
 
+    /// Resident bytes in raw chunks not yet found incompressible.
+    pub(crate) fn compressible_raw_bytes(&self) -> usize {
+        self.states
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Chunk::Raw {
+                        incompressible: false
+                    }
+                )
+            })
+            .count()
+            * self.chunk_bytes
+    }
+
     /// Resident bytes of the map (raw chunks).
     pub(crate) fn resident_bytes(&self) -> usize {
         self.raw_chunks * self.chunk_bytes

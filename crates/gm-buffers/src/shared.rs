@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::prioritized::PrioritizedReplayBuffer;
 use crate::schema::{check_columns, Column, ColumnSpec, Schema};
 use crate::stats::BufferStats;
-use gm_core::{MemoryReport, MemoryUsage, Reclaim, ReclaimLevel, Reclaimed};
+use gm_core::{MemoryReport, MemoryUsage, Reclaim, ReclaimLevel, ReclaimTier};
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rand::RngCore;
 use std::sync::Arc;
@@ -132,10 +132,24 @@ impl<B: Replay + MemoryReport> MemoryReport for SharedReplay<B> {
 }
 
 impl<B: Replay + MemoryReport> Reclaim for SharedReplay<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compression keeps every transition and costs CPU on access.
+    fn tier(&self) -> ReclaimTier {
+        ReclaimTier::Compressible
+    }
+
+    fn reclaimable_bytes(&self) -> u64 {
+        self.inner.read().reclaimable_bytes()
+    }
+
     /// `Cheap` gives nothing back (a replay buffer holds no caches of its
     /// own); `Moderate` compresses cold chunks down to half the resident
-    /// bytes; `Emergency` compresses every cold chunk.
-    fn reclaim(&self, level: ReclaimLevel) -> Reclaimed {
+    /// bytes; `Emergency` compresses every cold chunk. Returns the drop in
+    /// the buffer's own resident-byte accounting.
+    fn reclaim(&self, level: ReclaimLevel) -> u64 {
         let mut b = self.inner.write();
         let before = b.memory_usage().resident_bytes();
         match level {
@@ -147,10 +161,7 @@ impl<B: Replay + MemoryReport> Reclaim for SharedReplay<B> {
                 b.compress_cold(0);
             }
         }
-        Reclaimed {
-            before_bytes: before,
-            after_bytes: b.memory_usage().resident_bytes(),
-        }
+        before.saturating_sub(b.memory_usage().resident_bytes())
     }
 }
 

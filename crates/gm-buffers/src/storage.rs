@@ -1110,6 +1110,22 @@ impl Storage {
         out
     }
 
+    /// See [`Replay::reclaimable_bytes`](crate::Replay::reclaimable_bytes).
+    pub(crate) fn reclaimable_bytes(&self) -> u64 {
+        let (_, raw, packed) = self.compression();
+        let ratio = if packed > 0 {
+            raw as f64 / packed as f64
+        } else {
+            2.0
+        };
+        let candidates: u64 = self
+            .regions()
+            .filter(|r| !r.is_file_backed())
+            .map(|r| r.compressible_raw_bytes() as u64)
+            .sum();
+        (candidates as f64 * (1.0 - 1.0 / ratio.max(1.0))) as u64
+    }
+
     /// Whether storage is file-backed, and where.
     pub(crate) fn backing_dir(&self) -> Option<&std::path::Path> {
         self.regions().find_map(|r| r.backing_dir())

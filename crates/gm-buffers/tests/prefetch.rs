@@ -198,6 +198,9 @@ impl Replay for Probe {
     fn compress_cold(&mut self, target_bytes: u64) -> u64 {
         self.inner.compress_cold(target_bytes)
     }
+    fn reclaimable_bytes(&self) -> u64 {
+        self.inner.reclaimable_bytes()
+    }
     fn bytes_used(&self) -> u64 {
         self.inner.bytes_used()
     }

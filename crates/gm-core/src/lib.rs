@@ -8,8 +8,8 @@
 //!   [`Pressure`] level of a usage against it.
 //! - [`MemoryReport`] / [`MemoryUsage`]: how a component reports the bytes it
 //!   uses and reserves, split by where they live (heap, anonymous maps, files).
-//! - [`Reclaim`] / [`ReclaimLevel`] / [`Reclaimed`]: how a component gives
-//!   memory back when the system asks.
+//! - [`Reclaim`] / [`ReclaimLevel`] / [`ReclaimTier`]: how a component gives
+//!   memory back when the system asks, and how expensive that memory is.
 //! - [`Device`]: which device a tensor or buffer lives on.
 //!
 //! Invariants: no workspace dependencies, no threads, no I/O, no global state.
@@ -22,4 +22,4 @@ mod report;
 pub use budget::{BudgetError, MemoryBudget, Pressure};
 pub use bytes::{ByteSize, ParseByteSizeError};
 pub use device::Device;
-pub use report::{MemoryReport, MemoryUsage, Reclaim, ReclaimLevel, Reclaimed};
+pub use report::{MemoryReport, MemoryUsage, Reclaim, ReclaimLevel, ReclaimTier};

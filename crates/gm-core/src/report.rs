@@ -56,25 +56,33 @@ pub enum ReclaimLevel {
     Emergency,
 }
 
-/// What a [`Reclaim`] call gave back.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Reclaimed {
-    /// Resident bytes before the call.
-    pub before_bytes: u64,
-    /// Resident bytes after the call.
-    pub after_bytes: u64,
+/// What a component gives back, from cheapest to most expensive to lose;
+/// a coordinator asks the cheap tiers first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReclaimTier {
+    /// Caches and pools that are rebuilt on demand (cost: a later miss).
+    Cache,
+    /// Data that can be kept in a smaller form (cost: CPU on access).
+    Compressible,
+    /// Working state whose loss or rebuild is expensive (cost: recompute).
+    State,
 }
 
-impl Reclaimed {
-    /// Bytes freed (0 if the call grew the component).
-    pub fn freed_bytes(&self) -> u64 {
-        self.before_bytes.saturating_sub(self.after_bytes)
-    }
-}
-
-/// A component that can give memory back on request. Called from the
-/// reclaimer's thread, so it takes `&self`: implementors lock what they need.
-pub trait Reclaim: MemoryReport + Send + Sync {
-    /// Give back memory at `level`; report resident bytes before and after.
-    fn reclaim(&self, level: ReclaimLevel) -> Reclaimed;
+/// A component that can give memory back on request.
+///
+/// Called from a reclaimer's thread, so it takes `&self`: implementors lock
+/// what they need. What [`reclaim`](Reclaim::reclaim) returns is the
+/// component's own claim; a coordinator measures the real effect (allocator
+/// and RSS before and after) and reports that.
+pub trait Reclaim: Send + Sync {
+    /// A short stable name for reports.
+    fn name(&self) -> &str;
+    /// Which tier the memory belongs to.
+    fn tier(&self) -> ReclaimTier;
+    /// An estimate of what an `Emergency` reclaim could free now, in bytes.
+    /// Must be cheap.
+    fn reclaimable_bytes(&self) -> u64;
+    /// Gives memory back at `level`; returns the bytes the component
+    /// believes it freed.
+    fn reclaim(&self, level: ReclaimLevel) -> u64;
 }
