@@ -2,7 +2,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
-use crate::counters;
+use crate::{counters, sampling};
 
 /// A [`GlobalAlloc`] that forwards to an inner allocator and counts what
 /// passes through it.
@@ -27,9 +27,13 @@ use crate::counters;
 /// [`stats`](crate::stats), [`thread_stats`](crate::thread_stats),
 /// [`measure`](crate::measure) and [`measure_thread`](crate::measure_thread).
 ///
-/// Counting costs four relaxed atomic read-modify-writes and one thread-local
-/// access per call; it never allocates, locks or panics. See the crate docs
-/// for how a `realloc` counts.
+/// Counting costs one shared atomic read-modify-write (live bytes, for an
+/// exact peak), a few plain stores to this thread's counters, and one relaxed
+/// load of the sampling flag per call; it never allocates, locks or panics.
+/// With [sampling](crate::enable_sampling) on, allocations also advance a
+/// per-thread countdown, and sampled allocations and frees of sampled blocks
+/// take a short spinlock (never while allocating; see the crate docs). See
+/// the crate docs for how a `realloc` counts.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrackingAllocator<A = System> {
     inner: A,
@@ -68,8 +72,9 @@ fn bytes(n: usize) -> u64 {
 // SAFETY: every method forwards to `self.inner` with the caller's arguments
 // unchanged and returns its result unchanged, so `inner`'s guarantees (which
 // the `A: GlobalAlloc` bound promises) are this type's guarantees. The
-// counting touches only atomics and a const-initialised thread-local: it does
-// not allocate, lock, panic or unwind.
+// counting touches only atomics and const-initialised thread-locals, and the
+// sampling only those, static tables and the platform unwinder: neither
+// allocates, panics or unwinds, and neither re-enters the allocator.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -78,6 +83,9 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
         let ptr = unsafe { self.inner.alloc(layout) };
         if !ptr.is_null() {
             counters::on_alloc(bytes(layout.size()));
+            if sampling::active() {
+                sampling::on_alloc(ptr, layout.size());
+            }
         }
         ptr
     }
@@ -88,12 +96,19 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
         let ptr = unsafe { self.inner.alloc_zeroed(layout) };
         if !ptr.is_null() {
             counters::on_alloc(bytes(layout.size()));
+            if sampling::active() {
+                sampling::on_alloc(ptr, layout.size());
+            }
         }
         ptr
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // Forget a sampled block before its address can be handed out again.
+        if sampling::active() {
+            sampling::on_free(ptr);
+        }
         // SAFETY: the caller guarantees `ptr` was allocated by this allocator
         // (hence by `inner`, which made every block we handed out) with
         // `layout`.
@@ -103,14 +118,29 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TrackingAllocator<A> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // A sampled old block leaves the tables before its address can be
+        // reused; the new block is sampled like a fresh allocation of
+        // `new_size` (unbiased for what is live afterwards).
+        let taken = if sampling::active() {
+            sampling::take(ptr)
+        } else {
+            None
+        };
         // SAFETY: the caller guarantees `ptr`/`layout` describe a block from
         // this allocator (so from `inner`) and that `new_size` is valid for
         // `layout.align()`; all are forwarded unchanged.
         let new_ptr = unsafe { self.inner.realloc(ptr, layout, new_size) };
-        // On failure the old block is untouched and still owned by the
-        // caller: nothing changed, nothing to count.
-        if !new_ptr.is_null() {
+        if new_ptr.is_null() {
+            // The old block is untouched and still owned by the caller:
+            // nothing to count; its sample, if any, goes back.
+            if let Some(taken) = taken {
+                sampling::restore(ptr, taken);
+            }
+        } else {
             counters::on_realloc(bytes(layout.size()), bytes(new_size));
+            if sampling::active() {
+                sampling::on_alloc(new_ptr, new_size);
+            }
         }
         new_ptr
     }
