@@ -1,6 +1,7 @@
 //! `cargo xtask bench [NAME]`: the bench registry, and the `buffers` bench that
 //! runs gm-buffers and the Python peers in one go and writes a markdown report.
 
+mod memory;
 mod peers;
 mod report;
 
@@ -13,11 +14,18 @@ use serde_json::Value;
 use crate::{cargo, cmd_output, display_cmd, project_root, run_cmd};
 
 /// name, one-line description, usage of its arguments.
-const BENCHES: &[(&str, &str, &str)] = &[(
-    "buffers",
-    "gm-buffers replay buffers vs cpprb / numpy in the same run -> target/bench/buffers.md",
-    "[--quick] [--no-peers]",
-)];
+const BENCHES: &[(&str, &str, &str)] = &[
+    (
+        "buffers",
+        "gm-buffers replay buffers vs cpprb / numpy in the same run -> target/bench/buffers.md",
+        "[--quick] [--no-peers]",
+    ),
+    (
+        "memory",
+        "allocator overhead, monitor sample cost, leak-detector accuracy -> target/bench/memory.json",
+        "",
+    ),
+];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {
@@ -26,6 +34,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     };
     match name.as_str() {
         "buffers" => buffers(rest),
+        "memory" => memory::run(rest, &bench_dir()),
         "-h" | "--help" => {
             list();
             Ok(())
