@@ -27,6 +27,21 @@ const STEPS: &[Step] = &[
         ],
         &[],
     ),
+    (
+        "clippy (cuda feature)",
+        &[
+            "clippy",
+            "-p",
+            "gm-monitor",
+            "--all-targets",
+            "--features",
+            "cuda",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    ),
     ("test", &["test", "--workspace"], &[]),
     (
         "doc",
