@@ -23,7 +23,7 @@ pub enum Error {
     /// A CSV file has a bad value. `line` is 1-based and counts the header.
     #[error("{path}:{line}: column {column:?}: {reason}")]
     Csv {
-        /// The file (or "<reader>").
+        /// The file (or the name given for a reader).
         path: String,
         /// 1-based line number.
         line: u64,
