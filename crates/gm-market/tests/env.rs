@@ -230,3 +230,32 @@ fn real_bars_from_csv_give_the_same_observations_as_the_same_bars_in_memory() {
     let r = evaluate(&mut e, &mut RegimeOracle, 3, 0).unwrap();
     assert!(r.episode_returns.iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn the_pipeline_runs_on_whatever_interval_the_data_has() {
+    use gm_market::BarInterval;
+    for (secs, want) in [
+        (60, BarInterval::M1),
+        (3600, BarInterval::H1),
+        (86_400, BarInterval::D1),
+    ] {
+        let g = GeneratorConfig {
+            seed: 3,
+            bar_interval_secs: secs,
+            ..GeneratorConfig::default()
+        };
+        let (bars, _) = gm_market::SyntheticMarket::new(g).unwrap().generate(2600);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bars.csv");
+        let mut f = std::fs::File::create(&path).unwrap();
+        write_csv(&mut f, &bars, TimestampFormat::UnixSeconds).unwrap();
+        drop(f);
+        let d = MarketData::from_csv(&path, PipelineConfig::default()).unwrap();
+        assert_eq!(d.interval(), want);
+        let mut o = vec![0f32; OBS_DIM];
+        for t in [d.first_ready(), d.len() - 1] {
+            d.observation(t, &mut o).unwrap();
+            assert!(o.iter().all(|x| x.is_finite()), "{want} bar {t}");
+        }
+    }
+}
