@@ -290,6 +290,14 @@ impl Snapshot {
         self
     }
 
+    /// Adds the estimated live bytes of sampled allocation sites, as
+    /// [`top_sites`](crate::top_sites) reports them, keyed by
+    /// [`site_key`] (site id and allocating function), so the detector's
+    /// `top_growing_sites` names where a leak allocates.
+    pub fn with_top_sites(self, sites: &[crate::SiteReport]) -> Self {
+        self.with_sites(sites.iter().map(|s| (site_key(s), s.live_bytes_estimate)))
+    }
+
     /// Adds live bytes by site key (bytes of a repeated key add up).
     pub fn with_sites<K: Into<String>>(
         mut self,
@@ -300,6 +308,23 @@ impl Snapshot {
         }
         self
     }
+}
+
+/// The key [`Snapshot::with_top_sites`] files a site under: its id and the
+/// first frame that is not the standard library's machinery (a name that
+/// mentions `alloc::`, `core::` or `std::`, such as
+/// `<u8 as alloc::vec::spec_from_elem::SpecFromElem>::from_elem`), so the
+/// key reads as the allocating function of the program.
+pub fn site_key(site: &crate::SiteReport) -> String {
+    let skip = ["alloc::", "core::", "std::"];
+    let func = site
+        .frames
+        .iter()
+        .filter_map(|f| f.function.as_deref())
+        .find(|name| !skip.iter().any(|p| name.contains(p)))
+        .or_else(|| site.frames.iter().find_map(|f| f.function.as_deref()))
+        .unwrap_or("?");
+    format!("{} {func}", site.site_id)
 }
 
 /// What the trend test says about a series.

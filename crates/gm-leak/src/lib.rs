@@ -210,8 +210,8 @@ pub use counters::{
     assert_active, is_active, reset_peak, stats, thread_stats, AllocStats, ThreadStats,
 };
 pub use detector::{
-    leak_verdicts, steps_to_detection, workload, DetectorConfig, Error, LeakAnalysis, LeakDetector,
-    Rate, Result, SeriesTrend, Snapshot, Trend, Verdict,
+    leak_verdicts, site_key, steps_to_detection, workload, DetectorConfig, Error, LeakAnalysis,
+    LeakDetector, Rate, Result, SeriesTrend, Snapshot, Trend, Verdict,
 };
 pub use measure::{measure, measure_thread, Measurement, ThreadMeasurement};
 pub use registry::{LiveGuard, Registry};

@@ -56,6 +56,10 @@ const CHECKS: &[(&str, fn())] = &[
         enable_twice_and_bad_config_are_errors,
     ),
     (
+        "the_detector_names_the_leaking_site",
+        the_detector_names_the_leaking_site,
+    ),
+    (
         "disable_forgets_and_stops_sampling",
         disable_forgets_and_stops_sampling,
     ),
@@ -198,6 +202,65 @@ fn keep_small(out: &mut Vec<Vec<u8>>, blocks: usize, size: usize) {
     for i in 0..blocks {
         out.push(black_box(vec![i as u8 | 1; size]));
     }
+}
+
+#[inline(never)]
+fn leaky_step(kept: &mut Vec<Vec<u8>>) {
+    kept.push(black_box(vec![7u8; 16 << 10]));
+}
+
+#[inline(never)]
+fn steady_step() -> usize {
+    let scratch: Vec<Vec<u8>> = (0..8)
+        .map(|i| black_box(vec![i as u8 | 1; 8 << 10]))
+        .collect();
+    scratch.len()
+}
+
+/// End to end: sampled sites go into detector snapshots each step, and the
+/// detector's top growing site is the function that keeps 16 KiB per step,
+/// not the one that allocates and frees.
+fn the_detector_names_the_leaking_site() {
+    use gm_leak::{DetectorConfig, LeakDetector, Snapshot};
+    enable_sampling(SamplingConfig {
+        mean_bytes_between_samples: 4096,
+        seed: Some(11),
+        ..SamplingConfig::default()
+    })
+    .unwrap();
+    let cfg = DetectorConfig {
+        window_samples: 64,
+        min_samples: 32,
+        ..DetectorConfig::default()
+    };
+    let mut det = LeakDetector::new(cfg).unwrap();
+    let mut kept = Vec::new();
+    let mut steady = 0;
+    for step in 0..64u64 {
+        leaky_step(&mut kept);
+        steady += steady_step();
+        let snap =
+            Snapshot::new(step, gm_leak::stats().current_bytes).with_top_sites(&top_sites(20));
+        det.observe(&snap).unwrap();
+    }
+    black_box(steady);
+    let a = det.analyze();
+    let top = a.top_growing_sites.first().expect("a growing site");
+    assert!(
+        top.key.contains("leaky_step"),
+        "top growing site: {} (all: {:?})",
+        top.key,
+        a.top_growing_sites
+            .iter()
+            .map(|s| &s.key)
+            .collect::<Vec<_>>()
+    );
+    assert!(!a
+        .top_growing_sites
+        .iter()
+        .any(|s| s.key.contains("steady_step")));
+    gm_leak::release_symbol_cache();
+    drop(kept);
 }
 
 fn big_site_is_top_with_an_unbiased_estimate() {
