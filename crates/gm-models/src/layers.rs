@@ -4,7 +4,7 @@
 //! [`ForwardCtx`] (train/eval and a seeded dropout RNG), [`LayerNorm`]
 //! (through `layer_norm_slow`), [`softmax`], [`softplus`], [`Embedding`].
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -233,6 +233,7 @@ pub fn vars_without_gradient(varmap: &candle_nn::VarMap, loss: &Tensor) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::D;
     use candle_nn::{VarBuilder, VarMap};
 
     #[test]
