@@ -99,6 +99,125 @@ impl Module for LayerNorm {
     }
 }
 
+/// A fully connected layer `y = x Wᵀ + b`. Every model builds its dense
+/// layers through this type so that inference quantization can swap the
+/// implementation in one place.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// `in_dim → out_dim` with bias, parameters `weight` `[out, in]` and
+    /// `bias` `[out]` under `vb` (candle's default initialisation).
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: candle_nn::linear(in_dim, out_dim, vb)?,
+            in_dim,
+            out_dim,
+        })
+    }
+
+    /// The same without a bias.
+    pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+            in_dim,
+            out_dim,
+        })
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// One LSTM layer over `[B, T, in]` built from two [`Linear`]s (so it
+/// back-propagates through candle's ops and quantizes like every other
+/// dense layer): gates = `W_ih x_t + W_hh h_{t−1}` split into input,
+/// forget, cell and output; `c_t = σ(f)·c_{t−1} + σ(i)·tanh(g)`,
+/// `h_t = σ(o)·tanh(c_t)`; zero initial state.
+#[derive(Debug, Clone)]
+pub struct Lstm {
+    ih: Linear,
+    hh: Linear,
+    hidden: usize,
+}
+
+impl Lstm {
+    /// An LSTM from `in_dim` to `hidden` features.
+    pub fn new(in_dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ih: Linear::new(in_dim, 4 * hidden, vb.pp("ih"))?,
+            hh: Linear::no_bias(hidden, 4 * hidden, vb.pp("hh"))?,
+            hidden,
+        })
+    }
+
+    /// Hidden size.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    /// Runs over `x: [B, T, in]` (reversed in time when `reverse`); returns
+    /// every hidden state `[B, T, hidden]` in the input's time order.
+    pub fn seq(&self, x: &Tensor, reverse: bool) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let xw = self.ih.forward(x)?; // [B, T, 4H], all steps at once
+        let mut h = Tensor::zeros((b, self.hidden), x.dtype(), x.device())?;
+        let mut c = h.clone();
+        let mut out = vec![None; t];
+        let order: Box<dyn Iterator<Item = usize>> = if reverse {
+            Box::new((0..t).rev())
+        } else {
+            Box::new(0..t)
+        };
+        for step in order {
+            let gates = xw
+                .narrow(1, step, 1)?
+                .squeeze(1)?
+                .add(&self.hh.forward(&h)?)?;
+            let chunks = gates.chunk(4, 1)?;
+            let (i, f, g, o) = (&chunks[0], &chunks[1], &chunks[2], &chunks[3]);
+            let i = candle_nn::ops::sigmoid(i)?;
+            let f = candle_nn::ops::sigmoid(f)?;
+            let o = candle_nn::ops::sigmoid(o)?;
+            c = f.mul(&c)?.add(&i.mul(&g.tanh()?)?)?;
+            h = o.mul(&c.tanh()?)?;
+            out[step] = Some(h.clone());
+        }
+        let states: Vec<Tensor> = out
+            .into_iter()
+            .map(|s| s.expect("every step ran"))
+            .collect();
+        Ok(Tensor::stack(&states, 1)?)
+    }
+}
+
 /// Softmax over `dim` that back-propagates (unlike `softmax_last_dim`).
 pub fn softmax<Dm: candle_core::shape::Dim>(x: &Tensor, dim: Dm) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(x, dim)?)
@@ -270,6 +389,44 @@ mod tests {
         assert_eq!(s[0], 0.0);
         assert!((s[1] - std::f32::consts::LN_2).abs() < 1e-6);
         assert_eq!(s[2], 1000.0);
+    }
+
+    #[test]
+    fn lstm_runs_both_directions_and_every_parameter_learns() {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        let lstm = Lstm::new(3, 5, vb.pp("lstm")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 3), &dev).unwrap();
+        let f = lstm.seq(&x, false).unwrap();
+        let r = lstm.seq(&x, true).unwrap();
+        assert_eq!(f.dims(), &[2, 7, 5]);
+        assert_eq!(r.dims(), &[2, 7, 5]);
+        // The first forward state sees only x_0; the last reverse state sees only x_6.
+        let x0 = x.narrow(1, 0, 1).unwrap();
+        assert_eq!(
+            lstm.seq(&x0, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            f.narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let loss = f
+            .sum_all()
+            .unwrap()
+            .add(&r.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        assert_eq!(
+            vars_without_gradient(&vm, &loss).unwrap(),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
