@@ -2,6 +2,7 @@
 //! runs gm-buffers and the Python peers in one go and writes a markdown report.
 
 mod memory;
+mod models;
 mod peers;
 mod report;
 
@@ -25,6 +26,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "allocator overhead, monitor sample cost, leak-detector accuracy -> target/bench/memory.json",
         "",
     ),
+    (
+        "models",
+        "gm-models memory table (params, fwd/bwd peaks, int8 quantization, attention by N) -> target/bench/models.md",
+        "",
+    ),
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -35,6 +41,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     match name.as_str() {
         "buffers" => buffers(rest),
         "memory" => memory::run(rest, &bench_dir()),
+        "models" => models::run(rest, &bench_dir()),
         "-h" | "--help" => {
             list();
             Ok(())

@@ -4,11 +4,14 @@
 //! [`ForwardCtx`] (train/eval and a seeded dropout RNG), [`LayerNorm`]
 //! (through `layer_norm_slow`), [`softmax`], [`softplus`], [`Embedding`].
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::quant::{self, tensor_bytes, QuantPolicy, QuantScheme, QuantWeight};
 use crate::{Error, Result};
 
 /// Train/eval mode and the dropout random stream of one forward pass.
@@ -91,6 +94,17 @@ impl LayerNorm {
             eps: 1e-5,
         })
     }
+
+    /// An inference copy: the scale and shift copied into new storage,
+    /// detached from the variables, so the copy neither follows later
+    /// training of the source nor records an autograd graph.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.detach().copy()?,
+            bias: self.bias.detach().copy()?,
+            eps: self.eps,
+        })
+    }
 }
 
 impl Module for LayerNorm {
@@ -101,12 +115,27 @@ impl Module for LayerNorm {
 
 /// A fully connected layer `y = x Wᵀ + b`. Every model builds its dense
 /// layers through this type so that inference quantization can swap the
-/// implementation in one place.
+/// implementation in one place: [`Linear::quantized`] returns an
+/// inference-only copy whose weight is stored as int8 (see
+/// [`crate::quant`] for the formats and the per-layer rule).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    kind: LinearKind,
     in_dim: usize,
     out_dim: usize,
+}
+
+/// A trainable f32 layer, or a quantized, inference-only one.
+#[derive(Debug, Clone)]
+enum LinearKind {
+    Dense(candle_nn::Linear),
+    Quantized {
+        weight: QuantWeight,
+        bias: Option<Tensor>,
+        /// The source weight's dtype and device.
+        dtype: DType,
+        device: Device,
+    },
 }
 
 impl Linear {
@@ -114,7 +143,7 @@ impl Linear {
     /// `bias` `[out]` under `vb` (candle's default initialisation).
     pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            inner: candle_nn::linear(in_dim, out_dim, vb)?,
+            kind: LinearKind::Dense(candle_nn::linear(in_dim, out_dim, vb)?),
             in_dim,
             out_dim,
         })
@@ -123,7 +152,7 @@ impl Linear {
     /// The same without a bias.
     pub fn no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+            kind: LinearKind::Dense(candle_nn::linear_no_bias(in_dim, out_dim, vb)?),
             in_dim,
             out_dim,
         })
@@ -139,20 +168,141 @@ impl Linear {
         self.out_dim
     }
 
-    /// The weight `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// The weight `[out, in]`: the layer's own tensor when it is not
+    /// quantized, a freshly dequantized copy otherwise.
+    ///
+    /// # Panics
+    ///
+    /// When dequantizing fails, which cannot happen on the CPU; use
+    /// [`Linear::dequantized_weight`] for the fallible form.
+    pub fn weight(&self) -> Cow<'_, Tensor> {
+        match &self.kind {
+            LinearKind::Dense(l) => Cow::Borrowed(l.weight()),
+            LinearKind::Quantized { .. } => Cow::Owned(
+                self.dequantized_weight()
+                    .expect("dequantizing a quantized weight"),
+            ),
+        }
+    }
+
+    /// The weight `[out, in]` as a float tensor (dequantized, in the
+    /// original weight's dtype and device, when the layer is quantized).
+    pub fn dequantized_weight(&self) -> Result<Tensor> {
+        match &self.kind {
+            LinearKind::Dense(l) => Ok(l.weight().clone()),
+            LinearKind::Quantized {
+                weight,
+                dtype,
+                device,
+                ..
+            } => weight.dequantize(*dtype, device),
+        }
     }
 
     /// The bias `[out]`, if any.
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        match &self.kind {
+            LinearKind::Dense(l) => l.bias(),
+            LinearKind::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// Whether this is a quantized, inference-only copy (no gradient flows
+    /// through it; see [`crate::quant`]).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kind, LinearKind::Quantized { .. })
+    }
+
+    /// How the weight is stored once quantized; `None` for a trainable
+    /// layer.
+    pub fn scheme(&self) -> Option<QuantScheme> {
+        match &self.kind {
+            LinearKind::Dense(_) => None,
+            LinearKind::Quantized { weight, .. } => Some(weight.scheme()),
+        }
+    }
+
+    /// Bytes of parameter storage: the weight as actually stored (f32:
+    /// 4 B per element, Q8_0: 34 B per 32 weights, per-channel int8: 1 B
+    /// per weight + 4 B per row) plus the bias (its dtype's size per
+    /// element).
+    pub fn parameter_bytes(&self) -> usize {
+        let bias = self.bias().map_or(0, tensor_bytes);
+        match &self.kind {
+            LinearKind::Dense(l) => tensor_bytes(l.weight()) + bias,
+            LinearKind::Quantized { weight, .. } => weight.storage_bytes() + bias,
+        }
+    }
+
+    /// An inference-only copy with the weight quantized by
+    /// [`QuantPolicy::Auto`]; the bias is copied (detached) in its dtype.
+    /// Fails on a layer that is already quantized.
+    pub fn quantized(&self) -> Result<Linear> {
+        self.quantized_with(QuantPolicy::Auto)
+    }
+
+    /// As [`Linear::quantized`], the scheme chosen by `policy`.
+    pub fn quantized_with(&self, policy: QuantPolicy) -> Result<Linear> {
+        self.quantized_as(policy.scheme_for(self.in_dim, self.out_dim))
+    }
+
+    /// As [`Linear::quantized`] with a given scheme; an error when it does
+    /// not apply ([`QuantScheme::Q8_0`] needs `in_dim % 32 == 0`).
+    pub fn quantized_as(&self, scheme: QuantScheme) -> Result<Linear> {
+        let LinearKind::Dense(l) = &self.kind else {
+            return Err(Error::config(
+                "linear layer",
+                "already quantized",
+                "a trainable (f32) layer to quantize",
+            ));
+        };
+        Ok(Linear {
+            kind: LinearKind::Quantized {
+                weight: QuantWeight::new(l.weight(), scheme)?,
+                bias: l.bias().map(quant::frozen).transpose()?,
+                dtype: l.weight().dtype(),
+                device: l.weight().device().clone(),
+            },
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+        })
+    }
+
+    /// For a layer applied many times in a row (an LSTM's recurrent
+    /// weight): a per-channel int8 layer dequantized once into a frozen
+    /// f32 layer for the duration, anything else as it is.
+    fn for_repeated_use(&self, dtype: DType, device: &Device) -> Result<Cow<'_, Linear>> {
+        match &self.kind {
+            LinearKind::Quantized {
+                weight: weight @ QuantWeight::Int8(_),
+                bias,
+                ..
+            } => Ok(Cow::Owned(Linear {
+                kind: LinearKind::Quantized {
+                    weight: QuantWeight::F32(weight.dequantize(dtype, device)?),
+                    bias: bias.clone(),
+                    dtype,
+                    device: device.clone(),
+                },
+                in_dim: self.in_dim,
+                out_dim: self.out_dim,
+            })),
+            _ => Ok(Cow::Borrowed(self)),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        match &self.kind {
+            LinearKind::Dense(l) => l.forward(x),
+            LinearKind::Quantized { weight, bias, .. } => {
+                weight.forward(x, bias.as_ref()).map_err(|e| match e {
+                    Error::Candle(e) => e,
+                    other => candle_core::Error::Msg(other.to_string()),
+                })
+            }
+        }
     }
 }
 
@@ -183,11 +333,40 @@ impl Lstm {
         self.hidden
     }
 
+    /// An inference-only copy with both weights quantized by `policy`
+    /// (see [`Linear::quantized_with`]).
+    pub fn quantized_with(&self, policy: QuantPolicy) -> Result<Lstm> {
+        Ok(Lstm {
+            ih: self.ih.quantized_with(policy)?,
+            hh: self.hh.quantized_with(policy)?,
+            hidden: self.hidden,
+        })
+    }
+
+    /// [`Lstm::quantized_with`] the default [`QuantPolicy::Auto`].
+    pub fn quantized(&self) -> Result<Lstm> {
+        self.quantized_with(QuantPolicy::Auto)
+    }
+
+    /// Whether the weights are quantized (inference only).
+    pub fn is_quantized(&self) -> bool {
+        self.ih.is_quantized()
+    }
+
+    /// Bytes of parameter storage of both weights and the bias.
+    pub fn parameter_bytes(&self) -> usize {
+        self.ih.parameter_bytes() + self.hh.parameter_bytes()
+    }
+
     /// Runs over `x: [B, T, in]` (reversed in time when `reverse`); returns
     /// every hidden state `[B, T, hidden]` in the input's time order.
+    ///
+    /// A per-channel int8 recurrent weight is dequantized once per call
+    /// (not once per step); the copy is freed when the call returns.
     pub fn seq(&self, x: &Tensor, reverse: bool) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let xw = self.ih.forward(x)?; // [B, T, 4H], all steps at once
+        let hh = self.hh.for_repeated_use(x.dtype(), x.device())?;
         let mut h = Tensor::zeros((b, self.hidden), x.dtype(), x.device())?;
         let mut c = h.clone();
         let mut out = vec![None; t];
@@ -197,10 +376,7 @@ impl Lstm {
             Box::new(0..t)
         };
         for step in order {
-            let gates = xw
-                .narrow(1, step, 1)?
-                .squeeze(1)?
-                .add(&self.hh.forward(&h)?)?;
+            let gates = xw.narrow(1, step, 1)?.squeeze(1)?.add(&hh.forward(&h)?)?;
             let chunks = gates.chunk(4, 1)?;
             let (i, f, g, o) = (&chunks[0], &chunks[1], &chunks[2], &chunks[3]);
             let i = candle_nn::ops::sigmoid(i)?;
@@ -320,31 +496,37 @@ pub fn attention_pool(x: &Tensor, scores: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&w)?.sum(1)?)
 }
 
-/// For tests: checks that every variable of `varmap` received a gradient
-/// with a non-zero entry from `loss.backward()`; returns the names of those
-/// that did not.
+/// For tests: the variables of `varmap` that `loss.backward()` leaves
+/// without a real gradient — none at all, or one whose largest entry is
+/// below 1e-6 of the largest gradient entry of any variable. The relative
+/// bar matters: a bias that a softmax cancels (a key-projection bias, a
+/// pooling-score bias) still gets ~1e-8 of floating-point noise, which a
+/// plain "non-zero" check would accept.
 pub fn vars_without_gradient(varmap: &candle_nn::VarMap, loss: &Tensor) -> Result<Vec<String>> {
     let grads = loss.backward()?;
     let data = varmap
         .data()
         .lock()
         .map_err(|_| Error::config("varmap", "poisoned", "an unpoisoned lock"))?;
-    let mut missing = Vec::new();
+    let mut largest = Vec::with_capacity(data.len());
     for (name, var) in data.iter() {
-        let ok = match grads.get(var.as_tensor()) {
-            Some(g) => {
-                g.abs()?
-                    .to_dtype(DType::F32)?
-                    .sum_all()?
-                    .to_scalar::<f32>()?
-                    > 0.0
-            }
-            None => false,
+        let m = match grads.get(var.as_tensor()) {
+            Some(g) => g
+                .abs()?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?,
+            None => 0.0,
         };
-        if !ok {
-            missing.push(name.clone());
-        }
+        largest.push((name.clone(), m));
     }
+    let top = largest.iter().map(|(_, m)| *m).fold(0f32, f32::max);
+    let mut missing: Vec<String> = largest
+        .into_iter()
+        .filter(|(_, m)| !(m.is_finite() && *m > top * 1e-6 && *m > 0.0))
+        .map(|(n, _)| n)
+        .collect();
     missing.sort();
     Ok(missing)
 }
