@@ -33,6 +33,8 @@ const STEPS: &[Step] = &[
             "clippy",
             "-p",
             "gm-monitor",
+            "-p",
+            "gm-models",
             "--all-targets",
             "--features",
             "cuda",

@@ -4,12 +4,16 @@
 //!   `-D warnings`, stopping at the first failing step.
 //! - `cargo xtask bench [NAME] [ARGS]`: list the benches, or run one and write its
 //!   markdown report under `target/bench/`.
+//! - `cargo xtask cuda-check [--bundle [DIR]]`: CUDA driver/NVRTC/device report, the
+//!   kernel compile check, and on a GPU the CUDA parity tests and bench (see
+//!   `xtask/src/cuda_check.rs`).
 //!
 //! Only `anyhow` and `serde_json` are used; every external tool is run through
 //! [`std::process::Command`] with its exact command line echoed first.
 
 mod bench;
 mod ci;
+mod cuda_check;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,7 +42,7 @@ fn run() -> Result<()> {
     let (cmd, rest) = match args.split_first() {
         Some((cmd, rest)) => (cmd.as_str(), rest),
         None => {
-            print!("{USAGE}");
+            print!("{USAGE}{}", cuda_check::USAGE);
             bail!("no command given");
         }
     };
@@ -50,12 +54,13 @@ fn run() -> Result<()> {
             ci::run()
         }
         "bench" => bench::run(rest),
+        "cuda-check" => cuda_check::run(rest),
         "-h" | "--help" | "help" => {
-            print!("{USAGE}");
+            print!("{USAGE}{}", cuda_check::USAGE);
             Ok(())
         }
         other => {
-            print!("{USAGE}");
+            print!("{USAGE}{}", cuda_check::USAGE);
             bail!("unknown command `{other}`")
         }
     }

@@ -1,0 +1,355 @@
+//! `cargo xtask cuda-check`: what CUDA this machine has, whether the kernel
+//! sources compile (NVRTC), and, where there is a device, the CUDA parity
+//! tests and the sparse-attention bench. A thin orchestration of cargo
+//! commands (gm-models' `tests/cuda.rs` and `examples/cuda_attention_bench.rs`
+//! do the work).
+//!
+//! - `cargo xtask cuda-check`: probe (the bench example with `--info`), the
+//!   `kernels_compile_to_ptx` test with `--features cuda` (required to pass
+//!   when NVRTC is present), then on a device the parity tests
+//!   (`GM_REQUIRE_CUDA=1`) and the bench, whose JSON line goes to
+//!   `target/cuda-check/bench.json`. Without a device it says so and exits 0
+//!   (non-zero with `GM_REQUIRE_CUDA=1`).
+//! - `cargo xtask cuda-check --bundle [DIR]`: builds the CUDA test binary and
+//!   the bench (release, `--features cuda`) into `DIR` (default
+//!   `target/cuda-bundle`) with a `run.sh`, for a GPU machine that has no
+//!   Rust toolchain: carry `DIR`, run `bash DIR/run.sh`, read `$OUT`.
+//!
+//! NVRTC is looked up as cudarc does (`LD_LIBRARY_PATH`); when that does not
+//! name it, the venv `.ci/run` installs (`target/nvrtc-venv`, or the
+//! directory in `GM_NVRTC_LIB_DIR`) is added for the cargo commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{cargo, display_cmd, project_root, run_cmd};
+
+pub(crate) const USAGE: &str =
+    "  cuda-check               CUDA driver/NVRTC/device report, kernel compile check (NVRTC),
+                           and on a GPU the CUDA parity tests and bench -> target/cuda-check/
+  cuda-check --bundle [DIR]
+                           build the CUDA tests + bench for a GPU machine without Rust
+                           into DIR (default target/cuda-bundle) with a run.sh
+";
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [] => check(),
+        ["--bundle"] => bundle(&project_root().join("target/cuda-bundle")),
+        ["--bundle", dir] => bundle(&project_root().join(dir)),
+        _ => {
+            print!("usage: cargo xtask\n{USAGE}");
+            bail!("unexpected arguments {args:?}")
+        }
+    }
+}
+
+fn require_cuda() -> bool {
+    std::env::var("GM_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+}
+
+/// `cargo <args>` for gm-models with the `cuda` feature, with NVRTC's
+/// directory on `LD_LIBRARY_PATH` when we know one that is not there.
+fn cuda_cargo(args: &[&str]) -> Command {
+    let mut cmd = cargo();
+    cmd.args(args);
+    if let Some(dir) = nvrtc_lib_dir() {
+        let current = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+        let dir = dir.display().to_string();
+        if !current.split(':').any(|p| p == dir) {
+            let joined = if current.is_empty() {
+                dir
+            } else {
+                format!("{dir}:{current}")
+            };
+            cmd.env("LD_LIBRARY_PATH", joined);
+        }
+    }
+    cmd
+}
+
+/// `GM_NVRTC_LIB_DIR`, or the lib directory of the NVRTC wheel in
+/// `target/nvrtc-venv` (where `.ci/run` installs it), if it exists.
+fn nvrtc_lib_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("GM_NVRTC_LIB_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let lib = project_root().join("target/nvrtc-venv/lib");
+    std::fs::read_dir(&lib)
+        .ok()?
+        .flatten()
+        .map(|python| python.path().join("site-packages/nvidia/cuda_nvrtc/lib"))
+        .find(|dir| dir.is_dir())
+}
+
+/// Runs `cmd` with stdout captured (stderr inherited) after echoing it;
+/// fails on a non-zero exit; returns stdout.
+fn run_capture(cmd: &mut Command) -> Result<String> {
+    let shown = display_cmd(cmd);
+    println!("$ {shown}");
+    let start = Instant::now();
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        print!("{stdout}");
+        bail!(
+            "`{shown}` failed ({}) after {:.1?}",
+            out.status,
+            start.elapsed()
+        );
+    }
+    Ok(stdout)
+}
+
+/// The last line of `stdout`, as JSON.
+fn last_json(stdout: &str) -> Result<Value> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))
+}
+
+fn check() -> Result<()> {
+    let start = Instant::now();
+    println!("==> cuda-check: what is present");
+    let info = last_json(&run_capture(&mut cuda_cargo(&[
+        "run",
+        "-q",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--example",
+        "cuda_attention_bench",
+        "--",
+        "--info",
+    ]))?)?;
+    let nvrtc = info["nvrtc"].as_bool().unwrap_or(false);
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "  CUDA driver (libcuda): {}",
+        yes_no(info["driver"].as_bool().unwrap_or(false))
+    );
+    println!(
+        "  NVRTC (libnvrtc):      {}{}",
+        yes_no(nvrtc),
+        info["nvrtc_version"]
+            .as_str()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default()
+    );
+    let device = info["device"]["name"].as_str().map(|name| {
+        format!(
+            "cuda:0 = {name} (compute capability {})",
+            info["device"]["compute_capability"].as_str().unwrap_or("?")
+        )
+    });
+    let why_not = info["device"]["unavailable"]
+        .as_str()
+        .unwrap_or("unknown reason")
+        .to_string();
+    println!(
+        "  device:                {}",
+        device.as_deref().unwrap_or(&format!("none ({why_not})"))
+    );
+
+    println!("\n==> cuda-check: the kernel sources compile (NVRTC)");
+    let mut compile = cuda_cargo(&[
+        "test",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--test",
+        "cuda",
+        "--",
+        "kernels_compile_to_ptx",
+        "--nocapture",
+    ]);
+    if nvrtc {
+        compile.env("GM_REQUIRE_NVRTC", "1");
+    }
+    run_cmd(&mut compile)?;
+    if !nvrtc {
+        println!(
+            "NVRTC not found: the kernel sources were NOT compiled (pip install \
+             nvidia-cuda-nvrtc-cu12 and put its nvidia/cuda_nvrtc/lib on LD_LIBRARY_PATH, \
+             or run .ci/run once to create target/nvrtc-venv)"
+        );
+    }
+
+    let Some(device) = device else {
+        println!("\nno CUDA device ({why_not}): the CUDA parity tests and the bench were skipped");
+        if require_cuda() {
+            bail!("GM_REQUIRE_CUDA=1 but there is no CUDA device");
+        }
+        println!("cuda-check done in {:.1?}", start.elapsed());
+        return Ok(());
+    };
+
+    println!("\n==> cuda-check: parity tests on {device}");
+    let mut tests = cuda_cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--test",
+        "cuda",
+        "--",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    tests
+        .env("GM_REQUIRE_CUDA", "1")
+        .env("GM_REQUIRE_NVRTC", "1");
+    run_cmd(&mut tests)?;
+
+    println!("\n==> cuda-check: sparse attention bench on {device}");
+    let stdout = run_capture(&mut cuda_cargo(&[
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--example",
+        "cuda_attention_bench",
+    ]))?;
+    print!("{stdout}");
+    let bench = last_json(&stdout)?;
+    let dir = project_root().join("target/cuda-check");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bench.json");
+    std::fs::write(&path, format!("{bench:#}\n"))?;
+    println!("wrote {}", path.display());
+    println!("cuda-check done in {:.1?}", start.elapsed());
+    Ok(())
+}
+
+/// The script that runs a bundle on the GPU machine.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Made by `cargo xtask cuda-check --bundle`: runs the gm-models CUDA parity tests
+# (GM_REQUIRE_CUDA=1) and the sparse-attention bench on a GPU machine that has no
+# Rust toolchain. Results under $OUT (default: ./out next to this script):
+# info.json, tests.log, bench.log, bench.json. Exit status non-zero if either fails.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+out=${OUT:-$here/out}
+mkdir -p "$out"
+
+# cudarc (built for CUDA 12.8) loads libnvrtc.so or libnvrtc.so.12, never
+# libnvrtc.so.13: link libnvrtc.so to whichever exists, and keep its directory
+# (libnvrtc-builtins) on the path too.
+links=$(mktemp -d)
+nvrtc=""
+dirs=(${GM_NVRTC_DIR:-})
+while IFS= read -r d; do dirs+=("$d"); done < <(python3 -c '
+import glob, site
+for p in site.getsitepackages() + [site.getusersitepackages()]:
+    for d in sorted(glob.glob(p + "/nvidia/*/lib")): print(d)
+' 2>/dev/null)
+dirs+=(/usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu)
+for d in "${dirs[@]}"; do
+    for f in "$d/libnvrtc.so" "$d/libnvrtc.so.12" "$d/libnvrtc.so.13"; do
+        if [[ -e $f ]]; then nvrtc=$f; break 2; fi
+    done
+done
+if [[ -n $nvrtc ]]; then
+    ln -sf "$nvrtc" "$links/libnvrtc.so"
+    export LD_LIBRARY_PATH="$links:$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "NVRTC: $nvrtc"
+else
+    echo "NVRTC: not found (set GM_NVRTC_DIR to the directory of libnvrtc.so.*)" >&2
+fi
+
+"$here/cuda_attention_bench" --info | tee "$out/info.json"
+GM_REQUIRE_CUDA=1 GM_REQUIRE_NVRTC=1 "$here/cuda-tests" --nocapture --test-threads 1 \
+    > "$out/tests.log" 2>&1
+rc_tests=$?
+grep -E "^test |test result|max \|err\||panicked" "$out/tests.log" | tail -n 40
+"$here/cuda_attention_bench" > "$out/bench.log" 2>&1
+rc_bench=$?
+tail -n 4 "$out/bench.log"
+tail -n 1 "$out/bench.log" > "$out/bench.json"
+echo "tests: exit $rc_tests, bench: exit $rc_bench"
+exit $((rc_tests != 0 || rc_bench != 0))
+"#;
+
+/// Builds the CUDA test binary and the bench (release, `--features cuda`)
+/// into `dir` with `run.sh`.
+fn bundle(dir: &Path) -> Result<()> {
+    println!("==> cuda-check --bundle: building the CUDA tests and the bench (release)");
+    let stdout = run_capture(&mut cuda_cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--test",
+        "cuda",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    let tests = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cuda")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the `cuda` test executable")?;
+    run_cmd(&mut cuda_cargo(&[
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "gm-models",
+        "--features",
+        "cuda",
+        "--example",
+        "cuda_attention_bench",
+    ]))?;
+    let bench = project_root().join("target/release/examples/cuda_attention_bench");
+
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut total = 0;
+    for (src, name) in [(&tests, "cuda-tests"), (&bench, "cuda_attention_bench")] {
+        let dst = dir.join(name);
+        std::fs::copy(src, &dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        // Best effort: the release profile keeps line tables.
+        let _ = Command::new("strip").arg(&dst).status();
+        let size = std::fs::metadata(&dst)?.len();
+        total += size;
+        println!(
+            "  {} ({:.1} MiB)",
+            dst.display(),
+            size as f64 / (1 << 20) as f64
+        );
+    }
+    let script = dir.join("run.sh");
+    std::fs::write(&script, RUN_SH)?;
+    println!("  {}", script.display());
+    let rel = dir.strip_prefix(project_root()).unwrap_or(dir);
+    println!(
+        "bundle: {:.1} MiB. On the GPU machine: carry [\"{}\"], run `bash {}/run.sh` \
+         (results under $OUT)",
+        total as f64 / (1 << 20) as f64,
+        rel.display(),
+        rel.display()
+    );
+    Ok(())
+}
