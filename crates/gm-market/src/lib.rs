@@ -23,9 +23,10 @@
 //!   (the 8-D regime statistics), [`features::lvn`] (the rolling volume
 //!   profile and the 5-D LVN vector).
 //! - [`FeaturePipeline`] / [`MarketData`]: bars in, normalised observations
-//!   out ([`OBS_DIM`] = 817 floats: the two sliding windows and the two
-//!   vectors, in the order a gm-buffers schema stores them); the column
-//!   transforms are documented on the pipeline module.
+//!   out ([`OBS_DIM`] = 977 floats: the structure, tactical and regime
+//!   sliding windows and the LVN vector, in the order a gm-buffers schema
+//!   stores them); the column transforms are documented on the pipeline
+//!   module.
 //! - [`TradingEnv`] / [`VecEnv`]: short/flat/long on one unit, reward =
 //!   position × next-bar return − cost × |position change|; baselines
 //!   [`BuyAndHold`], [`RandomPolicy`], [`RegimeOracle`] and [`evaluate`].
@@ -67,5 +68,5 @@ pub use generator::{GeneratorConfig, RegimeParams, SyntheticMarket};
 pub use norm::RunningNorm;
 pub use pipeline::{
     FeaturePipeline, MarketData, PipelineConfig, StepRows, LVN_DIM, OBS_DIM, REGIME_DIM,
-    STRUCTURE_DIM, STRUCTURE_ROWS, TACTICAL_DIM, TACTICAL_ROWS,
+    REGIME_ROWS, STRUCTURE_DIM, STRUCTURE_ROWS, TACTICAL_DIM, TACTICAL_ROWS,
 };

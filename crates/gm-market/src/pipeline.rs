@@ -43,10 +43,12 @@
 //! With `normalize = false` every value is the raw feature as `f32`.
 //!
 //! # Observation layout
-//! [`OBS_DIM`] = 817 floats: the structure window (48 rows × 8, oldest row
-//! first), the tactical window (60 × 7, oldest first), the regime vector,
-//! the LVN vector — the same order as the `FieldSpec::window`/`obs` columns
-//! a gm-buffers schema would declare.
+//! [`OBS_DIM`] = 977 floats: the structure window (48 rows × 8, oldest row
+//! first), the tactical window (60 × 7, oldest first), the regime window
+//! (21 rows × 8: the 20 previous regime vectors and the current one, one row
+//! per structure bar, as the regime embedder takes them), the LVN vector —
+//! the same order as the `FieldSpec::window`/`obs` columns a gm-buffers
+//! schema would declare (three sliding windows and one frame).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -71,11 +73,15 @@ pub const TACTICAL_ROWS: usize = 60;
 pub const TACTICAL_DIM: usize = 7;
 /// Length of the regime vector.
 pub const REGIME_DIM: usize = 8;
+/// Rows of the regime window: 20 of history and the current vector.
+pub const REGIME_ROWS: usize = 21;
 /// Length of the LVN vector.
 pub const LVN_DIM: usize = 5;
 /// Floats in one flat observation (48·8 + 60·7 + 8 + 5).
-pub const OBS_DIM: usize =
-    STRUCTURE_ROWS * STRUCTURE_DIM + TACTICAL_ROWS * TACTICAL_DIM + REGIME_DIM + LVN_DIM;
+pub const OBS_DIM: usize = STRUCTURE_ROWS * STRUCTURE_DIM
+    + TACTICAL_ROWS * TACTICAL_DIM
+    + REGIME_ROWS * REGIME_DIM
+    + LVN_DIM;
 
 /// Settings of a [`FeaturePipeline`].
 #[derive(Debug, Clone, PartialEq)]
@@ -163,6 +169,9 @@ pub struct StepRows {
     pub tactical: Option<[f32; TACTICAL_DIM]>,
     /// A structure row, when this bar closed a structure bucket.
     pub structure: Option<[f32; STRUCTURE_DIM]>,
+    /// A regime vector, when this bar closed a structure bucket and the
+    /// regime statistics are warm (a new row of the regime window).
+    pub regime_row: Option<[f32; REGIME_DIM]>,
     /// The latest regime vector (`None` while warming up).
     pub regime: Option<[f32; REGIME_DIM]>,
     /// The LVN vector of this bar (`None` while warming up).
@@ -190,6 +199,7 @@ pub struct FeaturePipeline {
     norms: Norms,
     structure_rows: VecDeque<[f32; STRUCTURE_DIM]>,
     tactical_rows: VecDeque<[f32; TACTICAL_DIM]>,
+    regime_rows: VecDeque<[f32; REGIME_DIM]>,
     last_regime: Option<[f32; REGIME_DIM]>,
     last_lvn: Option<[f32; LVN_DIM]>,
     bars: u64,
@@ -219,6 +229,7 @@ impl FeaturePipeline {
             },
             structure_rows: VecDeque::with_capacity(STRUCTURE_ROWS),
             tactical_rows: VecDeque::with_capacity(TACTICAL_ROWS),
+            regime_rows: VecDeque::with_capacity(REGIME_ROWS),
             last_regime: None,
             last_lvn: None,
             bars: 0,
@@ -236,11 +247,11 @@ impl FeaturePipeline {
         self.bars
     }
 
-    /// Whether both windows are full and both vectors defined.
+    /// Whether the three windows are full and the LVN vector defined.
     pub fn is_ready(&self) -> bool {
         self.structure_rows.len() == STRUCTURE_ROWS
             && self.tactical_rows.len() == TACTICAL_ROWS
-            && self.last_regime.is_some()
+            && self.regime_rows.len() == REGIME_ROWS
             && self.last_lvn.is_some()
     }
 
@@ -266,6 +277,7 @@ impl FeaturePipeline {
         let tactical_raw = self.tactical.push(bar)?;
         let lvn_raw = lvn.push(bar)?;
         let mut structure_row = None;
+        let mut regime_row = None;
         if let Some(done) = self.agg.push(bar) {
             let b = done.bar;
             if let Some(raw) = self.structure.push(&b)? {
@@ -274,7 +286,10 @@ impl FeaturePipeline {
                 structure_row = Some(row);
             }
             if let Some(raw) = self.regime.push(&b)? {
-                self.last_regime = Some(self.transform_regime(&raw));
+                let row = self.transform_regime(&raw);
+                push_window(&mut self.regime_rows, row, REGIME_ROWS);
+                self.last_regime = Some(row);
+                regime_row = Some(row);
             }
         }
         let tactical_row = tactical_raw.map(|raw| {
@@ -289,6 +304,7 @@ impl FeaturePipeline {
         Ok(StepRows {
             tactical: tactical_row,
             structure: structure_row,
+            regime_row,
             regime: self.last_regime,
             lvn: lvn_raw.map(|v| v.map(|x| x as f32)),
             ready: self.is_ready(),
@@ -356,20 +372,15 @@ impl FeaturePipeline {
                 out.len()
             )));
         }
-        let (Some(regime), Some(lvn)) = (self.last_regime, self.last_lvn) else {
+        let Some(lvn) = self.last_lvn.filter(|_| self.is_ready()) else {
             return Err(Error::NotEnoughData(
                 "the pipeline is still warming up".into(),
             ));
         };
-        if !self.is_ready() {
-            return Err(Error::NotEnoughData(
-                "the pipeline is still warming up".into(),
-            ));
-        }
         write_obs(
             self.structure_rows.iter().copied(),
             self.tactical_rows.iter().copied(),
-            &regime,
+            self.regime_rows.iter().copied(),
             &lvn,
             out,
         );
@@ -387,7 +398,7 @@ fn push_window<const N: usize>(w: &mut VecDeque<[f32; N]>, row: [f32; N], cap: u
 fn write_obs(
     structure: impl Iterator<Item = [f32; STRUCTURE_DIM]>,
     tactical: impl Iterator<Item = [f32; TACTICAL_DIM]>,
-    regime: &[f32; REGIME_DIM],
+    regime: impl Iterator<Item = [f32; REGIME_DIM]>,
     lvn: &[f32; LVN_DIM],
     out: &mut [f32],
 ) {
@@ -400,8 +411,10 @@ fn write_obs(
         out[o..o + TACTICAL_DIM].copy_from_slice(&row);
         o += TACTICAL_DIM;
     }
-    out[o..o + REGIME_DIM].copy_from_slice(regime);
-    o += REGIME_DIM;
+    for row in regime {
+        out[o..o + REGIME_DIM].copy_from_slice(&row);
+        o += REGIME_DIM;
+    }
     out[o..o + LVN_DIM].copy_from_slice(lvn);
 }
 
@@ -418,7 +431,9 @@ pub struct MarketData {
     structure: Vec<[f32; STRUCTURE_DIM]>,
     /// Per bar: structure rows available after it.
     structure_count: Vec<u32>,
-    regime_vec: Vec<[f32; REGIME_DIM]>,
+    regime: Vec<[f32; REGIME_DIM]>,
+    /// Per bar: regime rows available after it.
+    regime_count: Vec<u32>,
     lvn_vec: Vec<[f32; LVN_DIM]>,
     first_ready: usize,
 }
@@ -447,7 +462,8 @@ impl MarketData {
         let mut tactical = Vec::with_capacity(n);
         let mut structure = Vec::with_capacity(n / p.cfg.structure_bars + 1);
         let mut structure_count = Vec::with_capacity(n);
-        let mut regime_vec = Vec::with_capacity(n);
+        let mut regime = Vec::with_capacity(n / p.cfg.structure_bars + 1);
+        let mut regime_count = Vec::with_capacity(n);
         let mut lvn_vec = Vec::with_capacity(n);
         let mut first_ready = None;
         for (t, bar) in bars.iter().enumerate() {
@@ -459,7 +475,10 @@ impl MarketData {
                 structure.push(row);
             }
             structure_count.push(structure.len() as u32);
-            regime_vec.push(s.regime.unwrap_or([0.0; REGIME_DIM]));
+            if let Some(row) = s.regime_row {
+                regime.push(row);
+            }
+            regime_count.push(regime.len() as u32);
             lvn_vec.push(s.lvn.unwrap_or([0.0; LVN_DIM]));
             if s.ready && first_ready.is_none() {
                 first_ready = Some(t);
@@ -478,7 +497,8 @@ impl MarketData {
             tactical,
             structure,
             structure_count,
-            regime_vec,
+            regime,
+            regime_count,
             lvn_vec,
             first_ready,
         })
@@ -556,10 +576,11 @@ impl MarketData {
             )));
         }
         let c = self.structure_count[t] as usize;
+        let r = self.regime_count[t] as usize;
         write_obs(
             self.structure[c - STRUCTURE_ROWS..c].iter().copied(),
             self.tactical[t + 1 - TACTICAL_ROWS..=t].iter().copied(),
-            &self.regime_vec[t],
+            self.regime[r - REGIME_ROWS..r].iter().copied(),
             &self.lvn_vec[t],
             out,
         );
@@ -673,5 +694,15 @@ mod tests {
         let same = a[..s] == b[..s];
         let shifted = b[..s - STRUCTURE_DIM] == a[STRUCTURE_DIM..s];
         assert!(same || shifted);
+        // regime window: the same, on the same bars as the structure window
+        let r0 = s + TACTICAL_ROWS * TACTICAL_DIM;
+        let r1 = r0 + REGIME_ROWS * REGIME_DIM;
+        let r_same = a[r0..r1] == b[r0..r1];
+        let r_shifted = b[r0..r1 - REGIME_DIM] == a[r0 + REGIME_DIM..r1];
+        assert!(r_same || r_shifted);
+        assert_eq!(
+            same, r_same,
+            "both windows move when a structure bar closes"
+        );
     }
 }
