@@ -1,0 +1,69 @@
+//! The crate's error type.
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in gm-train.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A candle operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A model error (shapes, weights).
+    #[error(transparent)]
+    Model(#[from] gm_models::Error),
+    /// A replay-buffer error.
+    #[error(transparent)]
+    Buffer(#[from] gm_buffers::Error),
+    /// A market/environment error.
+    #[error(transparent)]
+    Market(#[from] gm_market::Error),
+    /// A configuration value is out of range.
+    #[error("invalid config: {key} = {value}: {allowed}")]
+    Config {
+        /// The key.
+        key: &'static str,
+        /// The rejected value.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// The memory budget cannot hold even the smallest batch.
+    #[error("memory budget of {budget_bytes} bytes (usable {usable_bytes}) cannot hold a training step at batch {batch}: predicted {needed_bytes} bytes")]
+    BudgetTooSmall {
+        /// The budget.
+        budget_bytes: u64,
+        /// The part of it the threshold allows.
+        usable_bytes: u64,
+        /// The smallest batch tried.
+        batch: usize,
+        /// Its predicted peak.
+        needed_bytes: u64,
+    },
+    /// Reading or writing a checkpoint failed.
+    #[error("checkpoint {path:?}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A background thread stopped.
+    #[error("background thread stopped: {0}")]
+    Stopped(String),
+}
+
+impl Error {
+    pub(crate) fn config(
+        key: &'static str,
+        value: impl std::fmt::Display,
+        allowed: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            key,
+            value: value.to_string(),
+            allowed: allowed.into(),
+        }
+    }
+}
