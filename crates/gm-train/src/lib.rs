@@ -3,6 +3,10 @@
 
 pub mod agent;
 mod error;
+pub mod grads;
+pub mod optim;
 
 pub use agent::{AgentConfig, AgentNet, ObsBatch, OBS_PARTS};
 pub use error::{Error, Result};
+pub use grads::Grads;
+pub use optim::{AdamW, AdamWConfig};
