@@ -286,3 +286,39 @@ impl AgentHeads {
         dense + 2 * layer_norm_bytes(self.cfg.hidden_dim, self.dtype)
     }
 }
+
+use crate::layers::ForwardCtx;
+use crate::segments::{no_such_segment, Segmented};
+
+/// The heads as one segment: the state `[B, state_dim]` (the four μ's
+/// concatenated, as [`AgentHeads::state`] builds it) → Q ‖ value
+/// `[B, 3 + 1]` (see [`crate::segments`] for why there is no finer split).
+/// The heads have no dropout; `ctx` is not used.
+impl Segmented for AgentHeads {
+    fn segment_count(&self) -> usize {
+        1
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        if i != 0 {
+            return Err(no_such_segment("agent heads", i, 1));
+        }
+        Ok(Tensor::cat(&self.forward_last_parts(x, ctx)?, 1)?)
+    }
+
+    /// `[Q, value]`.
+    fn forward_last_parts(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        let c = &self.cfg;
+        check_shape("heads state", x, &[None, Some(c.state_dim())])?;
+        let mut off = 0;
+        let mut part = |w: usize| {
+            let t = x.narrow(1, off, w);
+            off += w;
+            t
+        };
+        let (s, t) = (part(c.structure_dim)?, part(c.tactical_dim)?);
+        let (r, l) = (part(c.regime_dim)?, part(c.lvn_dim)?);
+        let (q, value) = self.forward(&s, &t, &r, &l)?;
+        Ok(vec![q, value])
+    }
+}

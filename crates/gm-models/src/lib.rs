@@ -23,6 +23,9 @@
 //! - [`quant`]: int8 inference copies (`quantized()` on every model):
 //!   per-channel int8 by default, Q8_0 on request; 0.26–0.45× the f32
 //!   parameter bytes.
+//! - [`segments`]: [`Segmented`], every model as a chain of segments
+//!   (natural boundaries, output packed as one tensor) for gradient
+//!   checkpointing in gm-train.
 //! - [`layers`]: the gradient-safe building blocks (NOTES.md: candle's
 //!   `softmax_last_dim` and fast `LayerNorm` drop gradients), seeded
 //!   dropout ([`ForwardCtx`]); [`init::init_seeded`] (candle cannot seed its
@@ -44,6 +47,7 @@ pub mod layers;
 pub mod lvn;
 pub mod quant;
 pub mod regime;
+pub mod segments;
 pub mod structure;
 pub mod tactical;
 pub mod weights;
@@ -55,5 +59,6 @@ pub use layers::{Embedder, Embedding, ForwardCtx, LayerNorm, Linear, Lstm, McEmb
 pub use lvn::{LvnConfig, LvnEmbedder};
 pub use quant::{QuantPolicy, QuantScheme};
 pub use regime::{RegimeConfig, RegimeEmbedder, RegimeOutput};
+pub use segments::Segmented;
 pub use structure::{StructureConfig, StructureEmbedder};
 pub use tactical::{TacticalConfig, TacticalEmbedder};

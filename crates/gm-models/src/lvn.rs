@@ -160,3 +160,36 @@ impl Embedder for LvnEmbedder {
         })
     }
 }
+
+use crate::segments::{no_such_segment, Segmented};
+
+/// The LVN embedder as 2 segments: 0 the trunk with its norm, ReLU and
+/// dropout (`[B, input_dim]` → `[B, hidden_dim]`); 1 both heads → μ ‖ σ
+/// `[B, 2 · out_dim]` (see [`crate::segments`]).
+impl Segmented for LvnEmbedder {
+    fn segment_count(&self) -> usize {
+        2
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        match i {
+            0 => {
+                check_shape("lvn input", x, &[None, Some(self.cfg.input_dim)])?;
+                let x = input_like(x, self.dtype, &self.device)?;
+                let h = self.trunk_ln.forward(&self.trunk.forward(&x)?)?.relu()?;
+                ctx.dropout(&h, self.cfg.dropout)
+            }
+            1 => Ok(Tensor::cat(&self.forward_last_parts(x, ctx)?, 1)?),
+            _ => Err(no_such_segment("lvn embedder", i, 2)),
+        }
+    }
+
+    /// `[μ, σ]`.
+    fn forward_last_parts(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        check_shape("lvn hidden state", x, &[None, Some(self.cfg.hidden_dim)])?;
+        Ok(vec![
+            self.mu.forward(x)?,
+            softplus(&self.sigma.forward(x)?)?,
+        ])
+    }
+}

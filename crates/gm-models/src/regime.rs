@@ -404,3 +404,104 @@ impl Embedder for RegimeEmbedder {
         self.forward2(&current, &history, ctx)
     }
 }
+
+use crate::segments::{no_such_segment, Segmented};
+
+/// The two halves of [`RegimeEmbedder::forward_detailed`] as segments
+/// (the same operations in the same order; `segments::tests` checks that
+/// they compose to `forward` bit for bit).
+impl RegimeEmbedder {
+    /// Segment 0: the packed input `[B, history_len + 1, regime_dim]` → the
+    /// fusion input `(1 + s) · a ‖ h` `[B, token_dim + lstm_hidden]`.
+    fn fusion_input(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let c = &self.cfg;
+        check_shape(
+            "regime packed input",
+            x,
+            &[None, Some(c.packed_len()), Some(c.regime_dim)],
+        )?;
+        let n = c.history_len;
+        let hist = input_like(&x.narrow(1, 0, n)?, self.dtype, &self.device)?;
+        let x = input_like(&x.narrow(1, n, 1)?.squeeze(1)?, self.dtype, &self.device)?;
+
+        let tokens = x
+            .unsqueeze(2)?
+            .broadcast_mul(&self.dim_value)?
+            .broadcast_add(&self.dim_embed)?; // [B, r, t]
+        let scores = self.dim_score.forward(&tokens.tanh()?)?; // [B, r, 1]
+        let attended = attention_pool(&tokens, &scores)?; // [B, t]
+
+        let prev = hist.narrow(1, n - 1, 1)?.squeeze(1)?;
+        let d = x.sub(&prev)?;
+        let from_mean = x.sub(&hist.mean(1)?)?;
+        let steps = hist.narrow(1, 1, n - 1)?.sub(&hist.narrow(1, 0, n - 1)?)?;
+        let typical = norm_keepdim(&steps)?.mean(1)?; // [B, 1]
+        let feats = Tensor::cat(
+            &[
+                d.clone(),
+                norm_keepdim(&d)?,
+                norm_keepdim(&from_mean)?,
+                typical,
+            ],
+            1,
+        )?;
+        let s = self.transition[1].forward(&self.transition[0].forward(&feats)?.relu()?)?;
+        let transition = candle_nn::ops::sigmoid(&s)?; // [B, 1]
+
+        let mut seq = hist;
+        for (l, lstm) in self.lstm.iter().enumerate() {
+            if l > 0 {
+                seq = ctx.dropout(&seq, c.dropout)?;
+            }
+            seq = lstm.seq(&seq, false)?;
+        }
+        let last = seq.narrow(1, n - 1, 1)?.squeeze(1)?; // [B, hid]
+
+        let gated = attended.broadcast_mul(&transition.affine(1.0, 1.0)?)?;
+        Ok(Tensor::cat(&[gated, last], 1)?)
+    }
+
+    /// Segment 1: the fusion input → `[μ, σ]`, each `[B, out_dim]`.
+    fn fusion_output(&self, f: &Tensor, ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        let c = &self.cfg;
+        check_shape(
+            "regime fusion input",
+            f,
+            &[None, Some(c.token_dim + c.lstm_hidden)],
+        )?;
+        let f = self
+            .fusion_ln
+            .forward(&self.fusion_fc1.forward(f)?)?
+            .gelu_erf()?;
+        let f = ctx.dropout(&f, c.dropout)?;
+        let f = self.fusion_fc2.forward(&f)?.gelu_erf()?;
+        Ok(vec![
+            self.mu.forward(&f)?,
+            softplus(&self.sigma.forward(&f)?)?,
+        ])
+    }
+}
+
+/// The regime embedder as 2 segments: 0 the dimension attention, the
+/// transition detector and the LSTM (packed input `[B, history_len + 1,
+/// regime_dim]` → fusion input `[B, token_dim + lstm_hidden]`); 1 the
+/// fusion MLP and both heads → μ ‖ σ `[B, 2 · out_dim]` (see
+/// [`crate::segments`]).
+impl Segmented for RegimeEmbedder {
+    fn segment_count(&self) -> usize {
+        2
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        match i {
+            0 => self.fusion_input(x, ctx),
+            1 => Ok(Tensor::cat(&self.fusion_output(x, ctx)?, 1)?),
+            _ => Err(no_such_segment("regime embedder", i, 2)),
+        }
+    }
+
+    /// `[μ, σ]`.
+    fn forward_last_parts(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        self.fusion_output(x, ctx)
+    }
+}

@@ -380,3 +380,62 @@ impl Embedder for StructureEmbedder {
         })
     }
 }
+
+use crate::segments::{no_such_segment, Segmented};
+
+/// The structure embedder as `blocks + 2` segments: 0 the input projection,
+/// positions and dropout (`[B, window_len, input_dim]` →
+/// `[B, window_len, model_dim]`); `1..=blocks` one transformer block each
+/// (same shape); the last the final norm, pooling and both heads → μ ‖ σ
+/// `[B, 2 · out_dim]` (see [`crate::segments`]).
+impl Segmented for StructureEmbedder {
+    fn segment_count(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let c = &self.cfg;
+        let last = self.blocks.len() + 1;
+        match i {
+            0 => {
+                check_shape(
+                    "structure input",
+                    x,
+                    &[None, Some(c.window_len), Some(c.input_dim)],
+                )?;
+                let x = input_like(x, self.dtype, &self.device)?;
+                let h = self.embed.forward(&x)?.broadcast_add(&self.positions)?;
+                ctx.dropout(&h, c.dropout)
+            }
+            i if i < last => {
+                self.check_hidden(x)?;
+                self.blocks[i - 1].forward(x, c, ctx)
+            }
+            i if i == last => Ok(Tensor::cat(&self.forward_last_parts(x, ctx)?, 1)?),
+            _ => Err(no_such_segment("structure embedder", i, last + 1)),
+        }
+    }
+
+    /// `[μ, σ]`.
+    fn forward_last_parts(&self, x: &Tensor, _ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        self.check_hidden(x)?;
+        let h = self.final_ln.forward(x)?;
+        let pooled = attention_pool(&h, &self.pool.forward(&h)?)?; // [B, d]
+        Ok(vec![
+            self.mu.forward(&pooled)?,
+            softplus(&self.sigma.forward(&pooled)?)?,
+        ])
+    }
+}
+
+impl StructureEmbedder {
+    /// A segment input after segment 0: `[B, window_len, model_dim]`.
+    fn check_hidden(&self, x: &Tensor) -> Result<()> {
+        let c = &self.cfg;
+        check_shape(
+            "structure hidden state",
+            x,
+            &[None, Some(c.window_len), Some(c.model_dim)],
+        )
+    }
+}

@@ -613,6 +613,77 @@ fn averaging_matrix(t: usize, s: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(a, (n, t), &Device::Cpu)?)
 }
 
+use crate::segments::{no_such_segment, Segmented};
+
+/// The tactical embedder as `lstm_layers + 2` segments: 0 the input
+/// projection, momentum scale and positional table (`[B, seq_len,
+/// input_dim]` → `[B, seq_len, proj_dim]`); `1..=lstm_layers` one BiLSTM
+/// layer each (→ `[B, seq_len, 2 · lstm_hidden_dim]`); the last the
+/// multi-scale attention, fusion, pooling and both heads → μ ‖ σ
+/// `[B, 2 · embed_dim]` (see [`crate::segments`]).
+impl Segmented for TacticalEmbedder {
+    fn segment_count(&self) -> usize {
+        self.lstm.len() + 2
+    }
+
+    fn forward_segment(&self, i: usize, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let p = self.cfg.dropout;
+        let last = self.lstm.len() + 1;
+        match i {
+            0 => {
+                let x = self.prepare(x)?;
+                let proj = self.proj_norm.forward(&self.proj.forward(&x)?)?.relu()?;
+                let proj = ctx.dropout(&proj, p)?;
+                let scale = self.momentum_scale_prepared(&x)?; // [B, T, 1]
+                Ok(proj.add(&scale.broadcast_mul(&self.pos)?)?)
+            }
+            i if i < last => {
+                self.check_hidden(x, i)?;
+                let (l, layer) = (i - 1, &self.lstm[i - 1]);
+                let bi = Tensor::cat(&[layer.fwd.seq(x, false)?, layer.bwd.seq(x, true)?], 2)?;
+                let bi = ctx.dropout(&bi, p)?;
+                let pre = if l == 0 { bi } else { bi.add(x)? };
+                Ok(layer.norm.forward(&pre)?)
+            }
+            i if i == last => Ok(Tensor::cat(&self.forward_last_parts(x, ctx)?, 1)?),
+            _ => Err(no_such_segment("tactical embedder", i, last + 1)),
+        }
+    }
+
+    /// `[μ, σ]`.
+    fn forward_last_parts(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Vec<Tensor>> {
+        let p = self.cfg.dropout;
+        self.check_hidden(x, self.lstm.len() + 1)?;
+        let outs = self
+            .scales
+            .iter()
+            .map(|s| self.scale_forward(s, x))
+            .collect::<Result<Vec<_>>>()?;
+        let fused = ctx.dropout(&self.fusion.forward(&Tensor::cat(&outs, 2)?)?, p)?;
+        let pooled = attention_pool(&fused, &self.pool_score.forward(&fused)?)?; // [B, W]
+        let mu = self.mu.forward(&pooled, p, ctx)?;
+        let sigma = softplus(&self.sigma.forward(&pooled, p, ctx)?)?.affine(1.0, SIGMA_FLOOR)?;
+        Ok(vec![mu, sigma])
+    }
+}
+
+impl TacticalEmbedder {
+    /// The input of segment `i ≥ 1`: `[B, seq_len, proj_dim]` for the first
+    /// BiLSTM layer, `[B, seq_len, 2 · lstm_hidden_dim]` after it.
+    fn check_hidden(&self, x: &Tensor, i: usize) -> Result<()> {
+        let width = if i == 1 {
+            self.cfg.proj_dim
+        } else {
+            2 * self.cfg.lstm_hidden_dim
+        };
+        check_shape(
+            "tactical hidden state",
+            x,
+            &[None, Some(self.cfg.seq_len), Some(width)],
+        )
+    }
+}
+
 /// Unit tests of the internal pieces (the model's behaviour is tested in
 /// `tests/tactical.rs`).
 #[cfg(test)]
