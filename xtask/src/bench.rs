@@ -5,6 +5,7 @@ mod memory;
 mod models;
 mod peers;
 mod report;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,6 +32,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "gm-models memory table (params, fwd/bwd peaks, int8 quantization, attention by N) -> target/bench/models.md",
         "",
     ),
+    (
+        "train",
+        "one GrandModel training step: peak and time with each memory technique, budget batch, replay bytes -> target/bench/train.md",
+        "[--batch N] [--micro N] [--segments N] [--reps N] [--budget-mib N] [--replay N] [--skip-budget] [--skip-replay]",
+    ),
 ];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
@@ -42,6 +48,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         "buffers" => buffers(rest),
         "memory" => memory::run(rest, &bench_dir()),
         "models" => models::run(rest, &bench_dir()),
+        "train" => train::run(rest, &bench_dir()),
         "-h" | "--help" => {
             list();
             Ok(())

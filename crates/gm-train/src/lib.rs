@@ -7,9 +7,11 @@ pub mod batch_size;
 pub mod checkpoint;
 mod error;
 pub mod grads;
+pub mod learner;
 pub mod optim;
 pub mod precision;
 pub mod sparsify;
+pub mod step;
 
 pub use accum::{accumulate, accumulation_steps, AccumConfig, AccumPlan, GradAccumulator};
 pub use agent::{AgentConfig, AgentNet, ObsBatch, OBS_PARTS};
@@ -20,6 +22,12 @@ pub use checkpoint::{
 };
 pub use error::{Error, Result};
 pub use grads::Grads;
+pub use learner::policy::GreedyPolicy;
+pub use learner::{
+    ActorMode, EpsilonSchedule, Learner, LearnerConfig, LearnerCounters, StepReport, TargetUpdate,
+    UpdateStats,
+};
 pub use optim::{AdamW, AdamWConfig};
 pub use precision::{working_builder, LossScaler, LossScalerConfig, MixedPrecision, Precision};
 pub use sparsify::{SparsifyReport, TopK, TopKAmount, TopKConfig, TopKScope};
+pub use step::{StepConfig, StepGrads, StepOutcome, TdBatch, TrainStep};
