@@ -1,0 +1,857 @@
+//! `grandmodel train`: train the GrandModel agent with gm-train's learner
+//! inside the memory limit, under a running [`MemoryOptimizationSystem`],
+//! and write the run's report.
+//!
+//! # A run
+//! 1. Data: the synthetic market (training market seed `100 + run.seed`,
+//!    held-out market seed 4242, `run.synthetic_bars` bars each), or a CSV
+//!    file of bars (`run.data`), split in time: the first 80 % trains, the
+//!    last 20 % is held out.
+//! 2. The system starts (monitor samples → `monitor.jsonl`, Prometheus at
+//!    `run.metrics_addr`), the training step is planned from measured
+//!    peaks ([`pipeline`](crate::pipeline)), and the learner is built (or
+//!    resumed): replay capacity from `min(memory.buffer_limit_bytes,
+//!    limit / 4)` over the schema's bytes per transition, LZ4 compression
+//!    of cold chunks from 80 % of it; the batch is `run.batch_size`, capped
+//!    by the plan's largest plain-backprop batch that fits (the learner's
+//!    update is plain f32 backprop, so that is the figure that binds it).
+//! 3. Steps, each measured (its allocator peak is the `activations`
+//!    gauge); every `run.log_every_steps` a record in `metrics.jsonl`, a
+//!    monitor sample (alerts and reactions at once) and a progress event.
+//!    A stop request (Ctrl-C) writes a checkpoint and returns.
+//! 4. The end: a checkpoint (`--resume` continues from it), the held-out
+//!    evaluation (agent vs buy-and-hold, random, and on synthetic data the
+//!    regime oracle), and `report.json`, `report.md`, `memory.svg`.
+//!
+//! # Files in the output directory
+//! | file | holds |
+//! |---|---|
+//! | `config.toml` | the resolved configuration (a resumed run reads it) |
+//! | `run_state.json` | the batch the learner uses (kept on resume) |
+//! | `checkpoint/` | gm-train's crash-safe learner checkpoint |
+//! | `metrics.jsonl` | one JSON object per logged step (appended on resume) |
+//! | `monitor.jsonl` | gm-monitor's samples |
+//! | `report.json`, `report.md` | the run's report |
+//! | `memory.svg` | memory over time |
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use gm_buffers::{BufferConfig, StorageMode};
+use gm_core::ByteSize;
+use gm_market::{
+    evaluate, BuyAndHold, GeneratorConfig, MarketData, PipelineConfig, PolicyReturns, RandomPolicy,
+    RegimeOracle, TradingEnv, OBS_DIM,
+};
+use gm_train::{AgentNet, Learner, LearnerConfig, ObsBatch, StepReport};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::chart::{memory_chart, MemoryPoint};
+use crate::config::{ModelSize, Resolved, SystemConfig};
+use crate::error::{Error, Result};
+use crate::pipeline::{AgentModel, PipelinePlan};
+use crate::proc::ProcMemory;
+use crate::system::{MemoryOptimizationSystem, SystemOptions};
+
+/// Seed of the held-out synthetic market.
+pub const HELD_OUT_MARKET_SEED: u64 = 4242;
+/// First episode seed of the held-out evaluation.
+pub const EVAL_EPISODE_SEED: u64 = 1_000_000;
+/// Seed of the random baseline.
+pub const RANDOM_POLICY_SEED: u64 = 7;
+/// Observations in the planning sample.
+const SAMPLE_ROWS: usize = 64;
+
+/// One progress event.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// Steps done (total, a resumed run's earlier steps included).
+    pub step: u64,
+    /// Steps asked for.
+    pub total: u64,
+    /// Mean loss over the window (`None` before the first update).
+    pub loss: Option<f64>,
+    /// Mean return of the episodes that ended in the window.
+    pub episode_return: Option<f64>,
+    /// Resident memory now.
+    pub rss_bytes: u64,
+    /// The limit.
+    pub limit_bytes: u64,
+    /// Steps per second over the window.
+    pub steps_per_sec: f64,
+    /// Estimated time left.
+    pub eta: Duration,
+}
+
+/// Where progress goes (a progress bar, log lines, nothing).
+pub trait ProgressSink {
+    /// The run starts at `done` of `total` steps.
+    fn start(&mut self, done: u64, total: u64);
+    /// A progress event.
+    fn update(&mut self, p: &Progress);
+    /// A one-line message (setup, checkpoint, evaluation).
+    fn message(&mut self, msg: &str);
+    /// The training loop ended.
+    fn finish(&mut self);
+}
+
+/// A sink that drops everything.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn start(&mut self, _: u64, _: u64) {}
+    fn update(&mut self, _: &Progress) {}
+    fn message(&mut self, _: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// Options of a run that are not configuration values.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue the run whose output directory this is.
+    pub resume: Option<PathBuf>,
+}
+
+/// A policy's held-out returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyScore {
+    /// The policy.
+    pub policy: String,
+    /// Mean episode return (fraction of notional).
+    pub mean_return: f64,
+    /// Standard error of the mean.
+    pub stderr: f64,
+    /// Episodes.
+    pub episodes: usize,
+}
+
+impl PolicyScore {
+    fn of(policy: &str, r: &PolicyReturns) -> Self {
+        let n = r.episode_returns.len();
+        Self {
+            policy: policy.into(),
+            mean_return: r.mean(),
+            stderr: r.std() / (n.max(1) as f64).sqrt(),
+            episodes: n,
+        }
+    }
+}
+
+/// What a finished (or interrupted) run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Stopped by a stop request before `run.steps`.
+    pub interrupted: bool,
+    /// Steps done in all.
+    pub steps: u64,
+    /// Steps done by this invocation.
+    pub steps_this_run: u64,
+    /// Gradient updates.
+    pub updates: u64,
+    /// Environment transitions.
+    pub transitions: u64,
+    /// Episodes finished.
+    pub episodes: u64,
+    /// Seconds of the training loop in this invocation.
+    pub train_secs: f64,
+    /// Seconds of the whole invocation.
+    pub total_secs: f64,
+    /// Mean loss of the last window.
+    pub final_loss: Option<f64>,
+    /// The batch the learner used.
+    pub batch: usize,
+    /// Replay capacity, transitions.
+    pub replay_capacity: usize,
+    /// Peak RSS (kernel VmHWM).
+    pub peak_rss_bytes: Option<u64>,
+    /// The limit.
+    pub limit_bytes: u64,
+    /// Held-out scores (agent first); empty when interrupted.
+    pub evaluation: Vec<PolicyScore>,
+    /// CRC-32 of the online network's weights (names sorted, f32 LE).
+    pub weights_crc32: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunState {
+    batch: usize,
+    replay_capacity: usize,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The current UTC time as `YYYYmmdd-HHMMSS` (output directory names).
+pub fn now_stamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+        || secs.to_string(),
+        |t| t.format("%Y%m%d-%H%M%S").to_string(),
+    )
+}
+
+/// The output directory of a run (see [`run`]).
+pub fn out_dir(cfg: &SystemConfig, opts: &TrainOptions) -> PathBuf {
+    match (&cfg.run.out, &opts.resume) {
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r.clone(),
+        (None, None) => PathBuf::from("runs").join(now_stamp()),
+    }
+}
+
+fn market_error(path: &Path, e: gm_market::Error) -> Error {
+    match e {
+        gm_market::Error::Io { source, .. } => Error::DataMissing {
+            path: path.to_owned(),
+            reason: source.to_string(),
+        },
+        other => Error::DataInvalid {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Training and held-out data, and whether regimes are known.
+fn load_data(cfg: &SystemConfig) -> Result<(Arc<MarketData>, Arc<MarketData>, bool)> {
+    match &cfg.run.data {
+        None => {
+            let market = |seed| {
+                MarketData::synthetic(
+                    GeneratorConfig {
+                        seed,
+                        ..GeneratorConfig::default()
+                    },
+                    cfg.run.synthetic_bars,
+                    PipelineConfig::default(),
+                )
+            };
+            Ok((
+                Arc::new(market(100 + cfg.run.seed)?),
+                Arc::new(market(HELD_OUT_MARKET_SEED)?),
+                true,
+            ))
+        }
+        Some(path) => {
+            if !path.is_file() {
+                return Err(Error::DataMissing {
+                    path: path.clone(),
+                    reason: if path.exists() {
+                        "not a regular file".into()
+                    } else {
+                        "no such file".into()
+                    },
+                });
+            }
+            let loaded = gm_market::load_csv(path).map_err(|e| market_error(path, e))?;
+            let n = loaded.bars.len();
+            let split = n * 4 / 5;
+            let pcfg = PipelineConfig {
+                tactical_interval: loaded.interval,
+                ..PipelineConfig::default()
+            };
+            let mut bars = loaded.bars;
+            let held = bars.split_off(split);
+            let train = MarketData::from_bars(bars, None, pcfg.clone()).map_err(|e| {
+                Error::DataInvalid {
+                    path: path.clone(),
+                    reason: format!("the training part (first 80 %, {split} bars): {e}"),
+                }
+            })?;
+            let test = MarketData::from_bars(held, None, pcfg).map_err(|e| Error::DataInvalid {
+                path: path.clone(),
+                reason: format!("the held-out part (last 20 %, {} bars): {e}", n - split),
+            })?;
+            Ok((Arc::new(train), Arc::new(test), false))
+        }
+    }
+}
+
+fn learner_config(cfg: &SystemConfig) -> LearnerConfig {
+    let mut l = match cfg.run.model {
+        ModelSize::Small => LearnerConfig::small(),
+        ModelSize::Full => LearnerConfig::default(),
+    };
+    l.seed = cfg.run.seed;
+    l.learning_starts_transitions = cfg.run.learning_starts_transitions;
+    l.log_every_steps = u64::MAX;
+    l
+}
+
+/// Observations from the start of `data` for planning.
+fn sample_input(data: &MarketData) -> Result<ObsBatch> {
+    let start = data.first_ready();
+    let rows = SAMPLE_ROWS.min(data.len() - start);
+    let mut flat = vec![0f32; rows * OBS_DIM];
+    for (i, chunk) in flat.chunks_exact_mut(OBS_DIM).enumerate() {
+        data.observation(start + i, chunk)?;
+    }
+    Ok(ObsBatch::from_flat(&flat, rows, &Device::Cpu)?)
+}
+
+fn varmap_bytes(vm: &VarMap) -> u64 {
+    vm.all_vars()
+        .iter()
+        .map(|v| (v.elem_count() * v.dtype().size_in_bytes()) as u64)
+        .sum()
+}
+
+/// CRC-32 of a varmap's f32 weights, names sorted.
+pub fn weights_crc32(vm: &VarMap) -> Result<u32> {
+    let data = vm.data().lock().map_err(|_| Error::Io {
+        path: PathBuf::from("(varmap)"),
+        source: std::io::Error::other("poisoned lock"),
+    })?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut h = crc32fast::Hasher::new();
+    for n in names {
+        h.update(n.as_bytes());
+        let v = data[n]
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        for x in v {
+            h.update(&x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize())
+}
+
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    updates: u64,
+    returns: Vec<f64>,
+    steps: u64,
+    since: Option<Instant>,
+}
+
+/// Runs `grandmodel train`; see the module docs. `stop` is polled before
+/// every step (Ctrl-C sets it).
+pub fn run(
+    resolved: &Resolved,
+    opts: &TrainOptions,
+    stop: &AtomicBool,
+    progress: &mut dyn ProgressSink,
+) -> Result<TrainSummary> {
+    let t_all = Instant::now();
+    let cfg = &resolved.config;
+    let out = out_dir(cfg, opts);
+    let ckpt = out.join("checkpoint");
+    if let Some(r) = &opts.resume {
+        if !r.join("checkpoint").join("manifest.json").is_file() {
+            return Err(Error::Checkpoint {
+                path: r.clone(),
+                reason: "no checkpoint/manifest.json in this directory (pass the output directory of an earlier `grandmodel train`)".into(),
+            });
+        }
+    }
+    fs::create_dir_all(&out).map_err(io_err(&out))?;
+    fs::write(out.join("config.toml"), resolved.to_toml()).map_err(io_err(&out))?;
+
+    progress.message("loading market data");
+    let (train_data, test_data, synthetic) = load_data(cfg)?;
+    progress.message(&format!(
+        "data: {} training bars, {} held-out bars ({})",
+        train_data.len(),
+        test_data.len(),
+        cfg.run.data.as_ref().map_or_else(
+            || "synthetic market".to_string(),
+            |p| p.display().to_string()
+        )
+    ));
+
+    let system = MemoryOptimizationSystem::start_with(
+        cfg.memory.clone(),
+        cfg.training.clone(),
+        SystemOptions {
+            monitor_jsonl: Some(out.join("monitor.jsonl")),
+            prometheus_port: cfg.run.metrics_addr.map(|a| a.port()),
+        },
+    )?;
+    if let Some(a) = system.prometheus_addr() {
+        progress.message(&format!("metrics at http://{a}/metrics"));
+    }
+    let limit = cfg.memory.limit_bytes;
+    let rss0 = ProcMemory::read().rss_bytes.unwrap_or(0);
+    if rss0 >= cfg.memory.budget().warning_bytes() {
+        return Err(Error::MemoryTooSmall {
+            limit: ByteSize(limit).to_string(),
+            reason: format!(
+                "the process holds {} with the data loaded, above the warning line {} before training starts",
+                ByteSize(rss0),
+                ByteSize(cfg.memory.budget().warning_bytes())
+            ),
+        });
+    }
+
+    // Plan the step on a scratch copy of the network.
+    let mut lcfg = learner_config(cfg);
+    let plan = {
+        let vm = VarMap::new();
+        AgentNet::new(
+            &lcfg.agent,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )?;
+        gm_models::init::init_seeded(&vm, cfg.run.seed).map_err(gm_train::Error::from)?;
+        let sample = sample_input(&train_data)?;
+        progress.message("measuring the training step (batch, checkpointing, precision)");
+        system.optimize_training_pipeline(
+            AgentModel {
+                config: &lcfg.agent,
+                varmap: &vm,
+            },
+            &sample,
+        )?
+    };
+
+    // Replay sized to its share of the limit.
+    let replay_budget = cfg.memory.buffer_limit_bytes.min(limit / 4);
+    let schema = gm_train::learner::replay::replay_schema()?;
+    let per_transition = schema.transition_bytes().max(1) as u64;
+    let state_path = out.join("run_state.json");
+    let state = if opts.resume.is_some() && state_path.is_file() {
+        let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+        serde_json::from_str::<RunState>(&text).map_err(|e| Error::Checkpoint {
+            path: state_path.clone(),
+            reason: format!("run_state.json: {e}"),
+        })?
+    } else {
+        RunState {
+            batch: cfg.run.batch_size.min(plan.plain_batch),
+            replay_capacity: ((replay_budget / per_transition) as usize).min(100_000),
+        }
+    };
+    let min_capacity = 2 * lcfg.learning_starts_transitions;
+    if state.replay_capacity < min_capacity {
+        return Err(Error::MemoryTooSmall {
+            limit: ByteSize(limit).to_string(),
+            reason: format!(
+                "the replay share {} holds {} transitions of {} each; the learner needs at least {min_capacity}",
+                ByteSize(replay_budget),
+                state.replay_capacity,
+                ByteSize(per_transition)
+            ),
+        });
+    }
+    lcfg.batch_size = state.batch;
+    lcfg.replay = BufferConfig {
+        capacity: state.replay_capacity,
+        storage: StorageMode::Memory,
+        byte_budget: cfg.memory.buffer_compression.then_some(replay_budget),
+        compress_at: 0.8,
+        ..BufferConfig::default()
+    };
+    system.set_batch(state.batch);
+    fs::write(
+        &state_path,
+        serde_json::to_string_pretty(&state).unwrap_or_default(),
+    )
+    .map_err(io_err(&state_path))?;
+
+    let mut learner = match &opts.resume {
+        Some(r) => {
+            progress.message(&format!("resuming from {}", r.join("checkpoint").display()));
+            Learner::resume(lcfg.clone(), train_data.clone(), r.join("checkpoint")).map_err(
+                |e| match e {
+                    gm_train::Error::Checkpoint { path, reason } => {
+                        Error::Checkpoint { path, reason }
+                    }
+                    other => other.into(),
+                },
+            )?
+        }
+        None => Learner::new(lcfg.clone(), train_data.clone())?,
+    };
+    system.register_replay("replay", learner.replay())?;
+    let params = system.gauge("params")?;
+    let optim = system.gauge("optimizer_state")?;
+    let activations = system.gauge("activations")?;
+    params.set(varmap_bytes(learner.online_varmap()) + varmap_bytes(learner.target_varmap()));
+
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = fs::OpenOptions::new()
+        .create(true)
+        .append(opts.resume.is_some())
+        .write(true)
+        .truncate(opts.resume.is_none())
+        .open(&metrics_path)
+        .map_err(io_err(&metrics_path))?;
+
+    let total = cfg.run.steps;
+    let start_step = learner.counters().step;
+    progress.start(start_step, total);
+    let t_train = Instant::now();
+    let mut w = Window::default();
+    let mut last_loss = None;
+    let mut interrupted = false;
+    while learner.counters().step < total {
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
+            break;
+        }
+        // This thread's peak: the sync learner steps and updates here, and
+        // the system's background threads do not disturb the figure.
+        let (r, m) = gm_leak::measure_thread(|| learner.step());
+        let r: StepReport = r?;
+        activations.set(m.peak_net_bytes);
+        w.since.get_or_insert_with(Instant::now);
+        w.steps += 1;
+        if let Some(u) = r.update {
+            w.loss += u.loss;
+            w.updates += 1;
+        }
+        w.returns.extend_from_slice(&r.episode_returns);
+        let step = r.counters.step;
+        if step.is_multiple_of(cfg.run.log_every_steps) || step == total {
+            optim.set(learner.optimizer().state_bytes() as u64);
+            system.sample_now();
+            let secs = w
+                .since
+                .map_or(1e-9, |s| s.elapsed().as_secs_f64())
+                .max(1e-9);
+            let sps = w.steps as f64 / secs;
+            let loss = (w.updates > 0).then(|| w.loss / w.updates as f64);
+            if loss.is_some() {
+                last_loss = loss;
+            }
+            let ret = (!w.returns.is_empty())
+                .then(|| w.returns.iter().sum::<f64>() / w.returns.len() as f64);
+            let proc = ProcMemory::read();
+            let rss = proc.rss_bytes.unwrap_or(0);
+            let stats = learner.replay().stats();
+            let rec = json!({
+                "step": step,
+                "updates": r.counters.updates,
+                "transitions": r.counters.transitions,
+                "episodes": r.counters.episodes,
+                "epsilon": r.epsilon,
+                "loss": loss,
+                "episode_return": ret,
+                "episodes_in_window": w.returns.len(),
+                "steps_per_sec": sps,
+                "elapsed_secs": t_train.elapsed().as_secs_f64(),
+                "unix_ms": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                "rss_bytes": rss,
+                "peak_rss_bytes": proc.peak_rss_bytes,
+                "heap_bytes": gm_leak::stats().current_bytes,
+                "replay_bytes": stats.memory.resident_bytes(),
+                "replay_len": stats.len,
+                "replay_compressed_chunks": stats.compressed_chunks,
+                "activations_bytes": m.peak_net_bytes,
+                "recommended_batch": system.batch().0,
+                "limit_bytes": limit,
+            });
+            writeln!(metrics, "{rec}").map_err(io_err(&metrics_path))?;
+            let eta = Duration::from_secs_f64((total - step) as f64 / sps.max(1e-9));
+            progress.update(&Progress {
+                step,
+                total,
+                loss,
+                episode_return: ret,
+                rss_bytes: rss,
+                limit_bytes: limit,
+                steps_per_sec: sps,
+                eta,
+            });
+            if let Some(p) = system.monitor().latest().and_then(|s| s.measured_bytes) {
+                if p >= limit {
+                    let freed = system.emergency_memory_cleanup();
+                    let after = ProcMemory::read().rss_bytes.unwrap_or(0);
+                    if after >= limit {
+                        return Err(Error::MemoryExceeded {
+                            limit: ByteSize(limit).to_string(),
+                            reason: format!(
+                                "RSS {} at step {step}; the emergency cleanup freed {} and left {}",
+                                ByteSize(p),
+                                ByteSize(freed.rss_anon_freed_bytes.unwrap_or(0).max(0) as u64),
+                                ByteSize(after)
+                            ),
+                        });
+                    }
+                }
+            }
+            w = Window {
+                since: Some(Instant::now()),
+                ..Window::default()
+            };
+        }
+        if cfg.run.checkpoint_every_steps > 0
+            && step.is_multiple_of(cfg.run.checkpoint_every_steps)
+            && step < total
+        {
+            learner.save_checkpoint(&ckpt)?;
+        }
+    }
+    progress.finish();
+    let train_secs = t_train.elapsed().as_secs_f64();
+    metrics.flush().map_err(io_err(&metrics_path))?;
+    let c = learner.counters();
+    progress.message(&format!("writing checkpoint at step {}", c.step));
+    learner.save_checkpoint(&ckpt)?;
+    let weights_crc32 = weights_crc32(learner.online_varmap())?;
+    let peak = ProcMemory::read().peak_rss_bytes;
+    let mut summary = TrainSummary {
+        out_dir: out.clone(),
+        interrupted,
+        steps: c.step,
+        steps_this_run: c.step - start_step,
+        updates: c.updates,
+        transitions: c.transitions,
+        episodes: c.episodes,
+        train_secs,
+        total_secs: 0.0,
+        final_loss: last_loss,
+        batch: state.batch,
+        replay_capacity: state.replay_capacity,
+        peak_rss_bytes: peak,
+        limit_bytes: limit,
+        evaluation: Vec::new(),
+        weights_crc32,
+    };
+    if interrupted {
+        summary.total_secs = t_all.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+
+    progress.message(&format!(
+        "evaluating on {} held-out episodes",
+        cfg.run.eval_episodes
+    ));
+    let eps = cfg.run.eval_episodes;
+    let agent = learner.evaluate(test_data.clone(), eps, EVAL_EPISODE_SEED)?;
+    let mut env = TradingEnv::new(test_data.clone(), lcfg.env)?;
+    let bh = evaluate(&mut env, &mut BuyAndHold, eps, EVAL_EPISODE_SEED)?;
+    let rnd = evaluate(
+        &mut env,
+        &mut RandomPolicy::new(RANDOM_POLICY_SEED),
+        eps,
+        EVAL_EPISODE_SEED,
+    )?;
+    summary.evaluation = vec![
+        PolicyScore::of("agent (greedy)", &agent),
+        PolicyScore::of("buy and hold", &bh),
+        PolicyScore::of("random", &rnd),
+    ];
+    if synthetic {
+        let oracle = evaluate(&mut env, &mut RegimeOracle, eps, EVAL_EPISODE_SEED)?;
+        summary.evaluation.push(PolicyScore::of(
+            "regime oracle (knows the planted regime)",
+            &oracle,
+        ));
+    }
+    optim.set(learner.optimizer().state_bytes() as u64);
+    system.sample_now();
+    let sys_report = system.report();
+    summary.peak_rss_bytes = ProcMemory::read().peak_rss_bytes;
+    summary.total_secs = t_all.elapsed().as_secs_f64();
+    write_reports(&out, cfg, &summary, &plan, &sys_report)?;
+    Ok(summary)
+}
+
+/// The memory points of `metrics.jsonl` (all runs appended to it).
+fn read_points(path: &Path) -> Vec<MemoryPoint> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut pts = Vec::new();
+    let mut offset = 0.0;
+    let mut last = 0.0;
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let secs = v["elapsed_secs"].as_f64().unwrap_or(0.0);
+        if secs < last {
+            // A resumed run restarts its clock: continue the time axis.
+            offset += last;
+        }
+        last = secs;
+        pts.push(MemoryPoint {
+            secs: offset + secs,
+            rss_bytes: v["rss_bytes"].as_u64().unwrap_or(0),
+            heap_bytes: v["heap_bytes"].as_u64().unwrap_or(0),
+            replay_bytes: v["replay_bytes"].as_u64().unwrap_or(0),
+        });
+    }
+    pts
+}
+
+fn b(x: u64) -> String {
+    ByteSize(x).to_string()
+}
+
+/// The summary table printed at the end of a run (Markdown).
+pub fn summary_table(s: &TrainSummary) -> String {
+    let mut t = String::from("| | |\n|---|---|\n");
+    let row = |t: &mut String, k: &str, v: String| t.push_str(&format!("| {k} | {v} |\n"));
+    row(
+        &mut t,
+        "steps",
+        format!("{} ({} this run)", s.steps, s.steps_this_run),
+    );
+    row(
+        &mut t,
+        "updates / transitions / episodes",
+        format!("{} / {} / {}", s.updates, s.transitions, s.episodes),
+    );
+    row(
+        &mut t,
+        "batch / replay capacity",
+        format!("{} / {}", s.batch, s.replay_capacity),
+    );
+    row(
+        &mut t,
+        "final loss",
+        s.final_loss
+            .map_or_else(|| "-".into(), |l| format!("{l:.5}")),
+    );
+    row(
+        &mut t,
+        "training time",
+        format!(
+            "{:.1} s ({:.1} steps/s)",
+            s.train_secs,
+            s.steps_this_run as f64 / s.train_secs.max(1e-9)
+        ),
+    );
+    row(&mut t, "total time", format!("{:.1} s", s.total_secs));
+    row(
+        &mut t,
+        "peak RSS / limit",
+        format!(
+            "{} / {}{}",
+            s.peak_rss_bytes.map_or_else(|| "-".into(), b),
+            b(s.limit_bytes),
+            s.peak_rss_bytes.map_or_else(String::new, |p| format!(
+                " ({:.1}%)",
+                100.0 * p as f64 / s.limit_bytes as f64
+            ))
+        ),
+    );
+    if !s.evaluation.is_empty() {
+        t.push_str("\n| held-out policy | mean episode return | ± stderr | episodes |\n|---|---:|---:|---:|\n");
+        for e in &s.evaluation {
+            t.push_str(&format!(
+                "| {} | {:+.5} | {:.5} | {} |\n",
+                e.policy, e.mean_return, e.stderr, e.episodes
+            ));
+        }
+    }
+    t
+}
+
+fn write_reports(
+    out: &Path,
+    cfg: &SystemConfig,
+    s: &TrainSummary,
+    plan: &PipelinePlan,
+    sys: &crate::report::SystemReport,
+) -> Result<()> {
+    let metrics_path = out.join("metrics.jsonl");
+    let points = read_points(&metrics_path);
+    let budget = cfg.memory.budget();
+    memory_chart(
+        &out.join("memory.svg"),
+        "grandmodel train: memory over time",
+        &points,
+        &[
+            ("limit", budget.limit_bytes),
+            ("critical", budget.critical_bytes()),
+            ("warning", budget.warning_bytes()),
+        ],
+    )?;
+    let json = json!({
+        "format": "grandmodel-train-report",
+        "version": 1,
+        "summary": s,
+        "config": {
+            "model": cfg.run.model.to_string(),
+            "seed": cfg.run.seed,
+            "steps": cfg.run.steps,
+            "data": cfg.run.data.as_ref().map(|p| p.display().to_string()),
+            "limit_bytes": cfg.memory.limit_bytes,
+            "buffer_limit_bytes": cfg.memory.buffer_limit_bytes,
+        },
+        "pipeline_plan": plan,
+        "memory": sys.to_json(),
+        "files": ["report.md", "report.json", "metrics.jsonl", "monitor.jsonl", "memory.svg", "checkpoint/", "config.toml", "run_state.json"],
+    });
+    let p = out.join("report.json");
+    fs::write(&p, serde_json::to_string_pretty(&json).unwrap_or_default()).map_err(io_err(&p))?;
+
+    let mut md = String::from("# grandmodel train report\n\n");
+    md.push_str(&format!(
+        "Model `{}`, seed {}, {} steps on {}.\n\n",
+        cfg.run.model,
+        cfg.run.seed,
+        s.steps,
+        cfg.run.data.as_ref().map_or_else(
+            || "the synthetic market".to_string(),
+            |p| format!("`{}`", p.display())
+        )
+    ));
+    md.push_str(&summary_table(s));
+    md.push_str("\n## Training step plan (measured)\n\n");
+    md.push_str("| | |\n|---|---|\n");
+    md.push_str(&format!(
+        "| step budget (limit − RSS at planning) | {} (usable {}) |\n",
+        b(plan.step_budget_bytes),
+        b(plan.usable_bytes)
+    ));
+    md.push_str(&format!(
+        "| before: plain f32 backprop at batch {} | peak {} |\n",
+        cfg.training.target_effective_batch,
+        b(plan.peak_before_bytes)
+    ));
+    md.push_str(&format!(
+        "| after: micro-batch {} × {} accumulation steps, {} checkpoint segments, {} | peak {} |\n",
+        plan.micro_batch,
+        plan.accumulation_steps,
+        plan.checkpoint_segments,
+        plan.precision,
+        b(plan.peak_after_bytes)
+    ));
+    md.push_str(&format!(
+        "| largest plain f32 batch that fits (≤ target; caps the learner batch) | {} |\n",
+        plan.plain_batch
+    ));
+    for n in &plan.notes {
+        md.push_str(&format!("\nNote: {n}\n"));
+    }
+    md.push_str("\n| batch | segments | precision | peak | ms |\n|---:|---:|---|---:|---:|\n");
+    for m in &plan.measurements {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.1} |\n",
+            m.batch,
+            m.segments,
+            m.precision,
+            b(m.peak_bytes),
+            m.millis
+        ));
+    }
+    md.push('\n');
+    md.push_str(&sys.to_markdown());
+    md.push_str("\n![memory over time](memory.svg)\n");
+    let p = out.join("report.md");
+    fs::write(&p, md).map_err(io_err(&p))?;
+    Ok(())
+}
