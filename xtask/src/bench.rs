@@ -1,9 +1,19 @@
-//! `cargo xtask bench [NAME]`: the bench registry, and the `buffers` bench that
-//! runs gm-buffers and the Python peers in one go and writes a markdown report.
+//! `cargo xtask bench [NAME | list | regen]`: the bench registry, the run of
+//! every area in turn followed by the regeneration of BENCHMARKS.md's tables,
+//! and the `buffers` bench that runs gm-buffers and the Python peers in one go
+//! and writes a markdown report.
+//!
+//! Each area writes `target/bench/NAME.json` (the figures), `NAME.md` (its
+//! full report) and `NAME.run.json` (date, CPU, cores, rustc, command).
+//! `cargo xtask bench` with no name runs them all; an area that fails does
+//! not stop the others, its block in BENCHMARKS.md is left as it was, and the
+//! command exits with an error naming it. `cargo xtask bench regen` (or
+//! `--regen-only`) rewrites the generated blocks from the JSON already there.
 
 mod memory;
 mod models;
 mod peers;
+mod regen;
 mod report;
 mod train;
 
@@ -41,18 +51,20 @@ const BENCHES: &[(&str, &str, &str)] = &[
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let Some((name, rest)) = args.split_first() else {
-        list();
-        return Ok(());
+        return run_all();
     };
     match name.as_str() {
-        "buffers" => buffers(rest),
-        "memory" => memory::run(rest, &bench_dir()),
-        "models" => models::run(rest, &bench_dir()),
-        "train" => train::run(rest, &bench_dir()),
-        "-h" | "--help" => {
+        "list" | "-h" | "--help" => {
             list();
             Ok(())
         }
+        "regen" | "--regen-only" => {
+            if let Some(a) = rest.first() {
+                bail!("unknown argument `{a}` for `bench regen` (it takes none)");
+            }
+            regen_doc(&[])
+        }
+        area if BENCHES.iter().any(|b| b.0 == area) => run_area(area, rest),
         other => {
             list();
             let names: Vec<&str> = BENCHES.iter().map(|b| b.0).collect();
@@ -62,10 +74,104 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn list() {
+    println!(
+        "cargo xtask bench                 run every bench below in turn, then regenerate BENCHMARKS.md"
+    );
+    println!(
+        "cargo xtask bench regen           rewrite BENCHMARKS.md's generated tables from target/bench/*.json \
+         (alias: --regen-only)"
+    );
+    println!("cargo xtask bench list            this list\n");
     println!("available benches (cargo xtask bench <name> [args]):");
     for (name, desc, usage) in BENCHES {
         println!("  {name:<10} {usage}\n             {desc}");
     }
+}
+
+/// One area: runs it and records how it ran in `target/bench/NAME.run.json`
+/// (whenever it left a `NAME.json`, even a partial one).
+fn run_area(area: &str, args: &[String]) -> Result<()> {
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    regen::remove_run_info(&dir, area)?;
+    let mut info = report::RunInfo::collect();
+    info.commands.push(
+        std::iter::once(format!("cargo xtask bench {area}"))
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    let result = match area {
+        "buffers" => buffers(args),
+        "memory" => memory::run(args, &dir),
+        "models" => models::run(args, &dir),
+        "train" => train::run(args, &dir),
+        other => bail!("no runner for bench `{other}`"),
+    };
+    if dir.join(format!("{area}.json")).exists() {
+        regen::write_run_info(&dir, area, &info)?;
+    }
+    result
+}
+
+/// `cargo xtask bench`: every area in turn with its default arguments, then
+/// the regeneration of BENCHMARKS.md from what they wrote.
+fn run_all() -> Result<()> {
+    let start = Instant::now();
+    let mut failed: Vec<&str> = Vec::new();
+    for &area in regen::AREAS {
+        println!("\n======== cargo xtask bench {area}");
+        if let Err(err) = run_area(area, &[]) {
+            eprintln!("\nERROR: bench `{area}` failed: {err:#}\nERROR: continuing with the others");
+            failed.push(area);
+        }
+    }
+    println!(
+        "\n======== regenerating BENCHMARKS.md (all benches took {:.0?})",
+        start.elapsed()
+    );
+    let regen_result = regen_doc(&failed);
+    if !failed.is_empty() {
+        let regen_note = match &regen_result {
+            Ok(()) => String::new(),
+            Err(err) => format!("; also: {err:#}"),
+        };
+        bail!(
+            "bench area(s) failed: {} (their blocks in BENCHMARKS.md were left as they were; \
+             rerun them with `cargo xtask bench NAME`){regen_note}",
+            failed.join(", ")
+        );
+    }
+    regen_result
+}
+
+/// Rewrites BENCHMARKS.md's blocks (all areas but `skip`) from `target/bench`.
+fn regen_doc(skip: &[&str]) -> Result<()> {
+    let doc = project_root().join("BENCHMARKS.md");
+    let outcome = regen::regen(&doc, &bench_dir(), skip)?;
+    println!(
+        "{}: regenerated {}",
+        doc.display(),
+        if outcome.updated.is_empty() {
+            "no block".to_string()
+        } else {
+            outcome.updated.join(", ")
+        }
+    );
+    if !outcome.missing.is_empty() {
+        println!(
+            "left as they were (no JSON in {}): {}",
+            bench_dir().display(),
+            outcome.missing.join(", ")
+        );
+    }
+    if !outcome.failed.is_empty() {
+        bail!(
+            "BENCHMARKS.md blocks not regenerated: {}",
+            outcome.failed.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// Where bench outputs go: `<root>/target/bench`.

@@ -2,8 +2,9 @@
 //!
 //! - `cargo xtask ci`: fmt check, clippy with `-D warnings`, tests, and docs with
 //!   `-D warnings`, stopping at the first failing step.
-//! - `cargo xtask bench [NAME] [ARGS]`: list the benches, or run one and write its
-//!   markdown report under `target/bench/`.
+//! - `cargo xtask bench [NAME|list|regen] [ARGS]`: run every bench and
+//!   regenerate BENCHMARKS.md's tables, or run one (its report under
+//!   `target/bench/`), list them, or only regenerate.
 //! - `cargo xtask cuda-check [--bundle [DIR]]`: CUDA driver/NVRTC/device report, the
 //!   kernel compile check, and on a GPU the CUDA parity tests and bench (see
 //!   `xtask/src/cuda_check.rs`).
@@ -26,8 +27,10 @@ usage: cargo xtask <command> [args]
 
 commands:
   ci                       cargo fmt --check, clippy -D warnings, test, doc -D warnings
-  bench                    list the available benches
+  bench                    run every bench and regenerate BENCHMARKS.md's tables
   bench <name> [args]      run one bench and write target/bench/<name>.md
+  bench list               list the available benches
+  bench regen              rewrite BENCHMARKS.md's tables from target/bench/*.json
 ";
 
 fn main() {

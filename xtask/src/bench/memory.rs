@@ -18,9 +18,9 @@ const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// key, target description, check.
-type Target = (&'static str, &'static str, fn(f64) -> bool);
+pub(crate) type Target = (&'static str, &'static str, fn(f64) -> bool);
 
-const TARGETS: &[Target] = &[
+pub(crate) const TARGETS: &[Target] = &[
     (
         "alloc_free_overhead_ns",
         "<= 15 ns added per alloc+free pair (sampling off)",

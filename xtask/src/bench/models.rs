@@ -26,7 +26,7 @@ const CRATE: &str = "gm-models";
 const EXAMPLES: &[&str] = &["model_memory", "attention_memory"];
 
 /// The models of `model_memory`, in table order.
-const MODELS: &[&str] = &["structure", "tactical", "regime", "lvn", "heads"];
+pub(crate) const MODELS: &[&str] = &["structure", "tactical", "regime", "lvn", "heads"];
 
 pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
     if let Some(a) = args.first() {
@@ -114,7 +114,7 @@ fn parse_last_json(text: &str) -> Option<Map<String, Value>> {
 
 /// A byte count in binary units (`812 B`, `17.0 KiB`, `2.37 MiB`,
 /// `2.90 GiB`); `-` when absent.
-fn bytes(v: Option<f64>) -> String {
+pub(crate) fn bytes(v: Option<f64>) -> String {
     const KIB: f64 = 1024.0;
     match v {
         None => "-".into(),
@@ -126,12 +126,12 @@ fn bytes(v: Option<f64>) -> String {
 }
 
 /// A plain number with `digits` decimals (`-` when absent).
-fn num(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn num(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
 /// A small error in scientific notation (`-` when absent).
-fn sci(v: Option<f64>) -> String {
+pub(crate) fn sci(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{x:.2e}"))
 }
 
@@ -258,7 +258,7 @@ fn render(v: &Value, commands: &[String], missing: &[String]) -> String {
 
 /// The attention peak table by N from `attn_{kind}_peak_n{N}_bytes` (and
 /// `attn_{kind}_fwd_bwd_n{N}_ms` where present), kinds as columns.
-fn attention_table(v: &Value) -> String {
+pub(crate) fn attention_table(v: &Value) -> String {
     let mut kinds: Vec<String> = Vec::new();
     let mut ns: BTreeSet<u64> = BTreeSet::new();
     for k in v.as_object().into_iter().flat_map(|o| o.keys()) {

@@ -155,37 +155,7 @@ pub(crate) fn render(ours: &Value, peers: Option<&Value>, info: &RunInfo) -> Str
     // ---- targets
     line(w, "## Targets");
     line(w, "");
-    line(
-        w,
-        "| metric | gm-buffers | peer | peer value | ratio | target | result |",
-    );
-    line(w, "|---|--:|---|--:|--:|--:|---|");
-    for t in TARGETS {
-        let row = evaluate(t, ours, cases);
-        let ours_s = row
-            .ours
-            .map_or_else(|| "-".to_string(), |v| fmt_unit(v, t.unit));
-        let (peer_name, peer_s) = match &row.peer {
-            Some((name, v)) => (format!("{name} `{}`", t.peer_key), fmt_unit(*v, t.unit)),
-            None => (peer_desc(t.peer).to_string(), "-".to_string()),
-        };
-        let ratio = row
-            .ratio
-            .map_or_else(|| "-".to_string(), |r| format!("{r:.2}×"));
-        let goal = match t.goal {
-            Goal::AtLeast(x) => format!("≥ {x}×"),
-            Goal::AtMost(x) => format!("≤ {x}×"),
-        };
-        line(
-            w,
-            &format!(
-                "| {} ({}) | {ours_s} | {peer_name} | {peer_s} | {ratio} | {goal} | {} |",
-                t.label,
-                unit_name(t.unit),
-                row.verdict
-            ),
-        );
-    }
+    w.push_str(&targets_table(ours, cases));
     line(w, "");
     line(
         w,
@@ -284,6 +254,49 @@ pub(crate) fn render(ours: &Value, peers: Option<&Value>, info: &RunInfo) -> Str
     md
 }
 
+/// The targets table (header, rule, one row per target, no trailing text):
+/// gm-buffers' value, the peer it is compared with, the ratio and PASS/MISS.
+/// `cases` is the peers' case map (`None` when the peers did not run).
+pub(crate) fn targets_table(
+    ours: &Map<String, Value>,
+    cases: Option<&Map<String, Value>>,
+) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    line(
+        w,
+        "| metric | gm-buffers | peer | peer value | ratio | target | result |",
+    );
+    line(w, "|---|--:|---|--:|--:|--:|---|");
+    for t in TARGETS {
+        let row = evaluate(t, ours, cases);
+        let ours_s = row
+            .ours
+            .map_or_else(|| "-".to_string(), |v| fmt_unit(v, t.unit));
+        let (peer_name, peer_s) = match &row.peer {
+            Some((name, v)) => (format!("{name} `{}`", t.peer_key), fmt_unit(*v, t.unit)),
+            None => (peer_desc(t.peer).to_string(), "-".to_string()),
+        };
+        let ratio = row
+            .ratio
+            .map_or_else(|| "-".to_string(), |r| format!("{r:.2}×"));
+        let goal = match t.goal {
+            Goal::AtLeast(x) => format!("≥ {x}×"),
+            Goal::AtMost(x) => format!("≤ {x}×"),
+        };
+        line(
+            w,
+            &format!(
+                "| {} ({}) | {ours_s} | {peer_name} | {peer_s} | {ratio} | {goal} | {} |",
+                t.label,
+                unit_name(t.unit),
+                row.verdict
+            ),
+        );
+    }
+    md
+}
+
 /// One evaluated target row.
 #[derive(Debug)]
 struct Row<'a> {
@@ -360,7 +373,7 @@ fn busy(r: &Value) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn peer_cases(peers: &Value) -> Option<&Map<String, Value>> {
+pub(crate) fn peer_cases(peers: &Value) -> Option<&Map<String, Value>> {
     peers.get("results").unwrap_or(peers).as_object()
 }
 
@@ -375,7 +388,7 @@ fn peer_desc(peer: Peer) -> &'static str {
     }
 }
 
-fn peers_table(w: &mut String, cases: &Map<String, Value>, peers: Option<&Value>) {
+pub(crate) fn peers_table(w: &mut String, cases: &Map<String, Value>, peers: Option<&Value>) {
     if let Some(bw) = cases
         .get("membw")
         .filter(|r| r.as_object().is_some_and(case_ok))
@@ -472,7 +485,7 @@ fn fmt_unit(v: f64, unit: Unit) -> String {
 }
 
 /// `1234567.0` -> `1.23M`, `41600.0` -> `41.6k`, `12.0` -> `12` (as replay_peers.py prints).
-fn fmt_rate(v: f64) -> String {
+pub(crate) fn fmt_rate(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e3 {
@@ -497,7 +510,7 @@ fn fmt_value(key: &str, v: &Value) -> String {
 }
 
 /// Keeps a string from breaking a markdown table row.
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 

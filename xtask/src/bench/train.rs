@@ -19,7 +19,7 @@ const CRATE: &str = "gm-train";
 const EXAMPLE: &str = "train_memory";
 
 /// The configurations of the example, in table order, with what they use.
-const CONFIGS: &[(&str, &str)] = &[
+pub(crate) const CONFIGS: &[(&str, &str)] = &[
     ("baseline", "f32, plain backprop, whole batch"),
     ("checkpointing", "segment checkpointing (f32)"),
     ("bf16", "bf16 working copy over f32 masters"),
@@ -100,19 +100,19 @@ fn parse_last_json(text: &str) -> Option<Map<String, Value>> {
 }
 
 /// Bytes in MiB with one decimal (`-` when absent).
-fn mib(v: Option<f64>) -> String {
+pub(crate) fn mib(v: Option<f64>) -> String {
     v.map_or("-".into(), |b| {
         format!("{:.1} MiB", b / (1u64 << 20) as f64)
     })
 }
 
 /// A number with `d` decimals (`-` when absent).
-fn num(v: Option<f64>, d: usize) -> String {
+pub(crate) fn num(v: Option<f64>, d: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.d$}"))
 }
 
 /// A ratio as a percentage (`-` when absent).
-fn pct(v: Option<f64>) -> String {
+pub(crate) fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |x| format!("{:.1} %", 100.0 * x))
 }
 
@@ -175,69 +175,8 @@ fn render(v: &Value, info: &RunInfo) -> String {
         ));
     }
 
-    let all_peak = get("all_peak_ratio");
-    let all_time = get("all_time_ratio");
-    let ckpt_act = get("checkpointing_activation_ratio");
-    let ckpt_time = get("checkpointing_time_ratio");
-    md.push_str(
-        "\n## Against the seed's claims and issue 6's targets\n\n\
-         | claim / target | required | measured | verdict |\n|---|---|--:|---|\n",
-    );
-    md.push_str(&format!(
-        "| seed: \"40–60% reduction in training pipelines\" | peak reduction 40–60 % | {} | {} |\n",
-        pct(all_peak.map(|r| 1.0 - r)),
-        match all_peak {
-            None => "not measured",
-            Some(r) if (0.40..=0.60).contains(&(1.0 - r)) => "within the claim",
-            Some(r) if 1.0 - r > 0.60 => "better than the claim",
-            Some(_) => "**below the claim**",
-        }
-    ));
-    md.push_str(&format!(
-        "| seed's table: all techniques at 51 % of baseline peak | {} | {} | {} |\n",
-        pct(Some(SEED_ALL_PEAK)),
-        pct(all_peak),
-        verdict(all_peak, SEED_ALL_PEAK),
-    ));
-    md.push_str(&format!(
-        "| all: peak ≤ 40 % of baseline | ≤ {} | {} | {} |\n",
-        pct(Some(ALL_PEAK_MAX)),
-        pct(all_peak),
-        verdict(all_peak, ALL_PEAK_MAX)
-    ));
-    md.push_str(&format!(
-        "| all: step time ≤ 1.5× baseline | ≤ {ALL_TIME_MAX:.2}× | {}× | {} |\n",
-        num(all_time, 2),
-        verdict(all_time, ALL_TIME_MAX)
-    ));
-    md.push_str(&format!(
-        "| checkpointing: step peak ≥ 40 % lower | ≤ {} of baseline | {} | {} |\n",
-        pct(Some(CKPT_ACTIVATION_MAX)),
-        pct(ckpt_act),
-        verdict(ckpt_act, CKPT_ACTIVATION_MAX)
-    ));
-    md.push_str(&format!(
-        "| checkpointing: step time ≤ 1.35× baseline | ≤ {CKPT_TIME_MAX:.2}× | {}× | {} |\n",
-        num(ckpt_time, 2),
-        verdict(ckpt_time, CKPT_TIME_MAX)
-    ));
-    md.push_str(&format!(
-        "| (context) all: CPU time ≤ 1.5× baseline's | ≤ {ALL_TIME_MAX:.2}× | {}× | {} |\n",
-        num(get("all_cpu_time_ratio"), 2),
-        verdict(get("all_cpu_time_ratio"), ALL_TIME_MAX)
-    ));
-    md.push_str(&format!(
-        "| (context) checkpointing: CPU time ≤ 1.35× baseline's | ≤ {CKPT_TIME_MAX:.2}× | {}× | {} |\n",
-        num(get("checkpointing_cpu_time_ratio"), 2),
-        verdict(get("checkpointing_cpu_time_ratio"), CKPT_TIME_MAX)
-    ));
-    md.push_str(&format!(
-        "| (f32 without bf16) checkpointing + accumulation: peak ≤ 40 %, time ≤ 1.5× | | {} at {}× | {} / {} |\n",
-        pct(get("ckpt_accum_peak_ratio")),
-        num(get("ckpt_accum_time_ratio"), 2),
-        verdict(get("ckpt_accum_peak_ratio"), ALL_PEAK_MAX),
-        verdict(get("ckpt_accum_time_ratio"), ALL_TIME_MAX),
-    ));
+    md.push_str("\n## Against the seed's claims and issue 6's targets\n\n");
+    md.push_str(&claims_table(v));
     md.push_str(&format!(
         "\n**bf16 is slower than f32 on this CPU** (bf16 step {}× baseline): candle's CPU \
          bf16 kernels convert on the fly, so on a CPU mixed precision buys memory, not \
@@ -313,6 +252,74 @@ fn render(v: &Value, info: &RunInfo) -> String {
         md.push_str(&format!("\n- {n}"));
     }
     md.push('\n');
+    md
+}
+
+/// The table of the seed report's claims and issue 6's targets with the
+/// measured figure and a verdict (header, rule and rows).
+pub(crate) fn claims_table(v: &Value) -> String {
+    let get = |k: &str| v.get(k).and_then(Value::as_f64);
+    let all_peak = get("all_peak_ratio");
+    let all_time = get("all_time_ratio");
+    let ckpt_act = get("checkpointing_activation_ratio");
+    let ckpt_time = get("checkpointing_time_ratio");
+    let mut md =
+        String::from("| claim / target | required | measured | verdict |\n|---|---|--:|---|\n");
+    md.push_str(&format!(
+        "| seed: \"40–60% reduction in training pipelines\" | peak reduction 40–60 % | {} | {} |\n",
+        pct(all_peak.map(|r| 1.0 - r)),
+        match all_peak {
+            None => "not measured",
+            Some(r) if (0.40..=0.60).contains(&(1.0 - r)) => "within the claim",
+            Some(r) if 1.0 - r > 0.60 => "better than the claim",
+            Some(_) => "**below the claim**",
+        }
+    ));
+    md.push_str(&format!(
+        "| seed's table: all techniques at 51 % of baseline peak | {} | {} | {} |\n",
+        pct(Some(SEED_ALL_PEAK)),
+        pct(all_peak),
+        verdict(all_peak, SEED_ALL_PEAK),
+    ));
+    md.push_str(&format!(
+        "| all: peak ≤ 40 % of baseline | ≤ {} | {} | {} |\n",
+        pct(Some(ALL_PEAK_MAX)),
+        pct(all_peak),
+        verdict(all_peak, ALL_PEAK_MAX)
+    ));
+    md.push_str(&format!(
+        "| all: step time ≤ 1.5× baseline | ≤ {ALL_TIME_MAX:.2}× | {}× | {} |\n",
+        num(all_time, 2),
+        verdict(all_time, ALL_TIME_MAX)
+    ));
+    md.push_str(&format!(
+        "| checkpointing: step peak ≥ 40 % lower | ≤ {} of baseline | {} | {} |\n",
+        pct(Some(CKPT_ACTIVATION_MAX)),
+        pct(ckpt_act),
+        verdict(ckpt_act, CKPT_ACTIVATION_MAX)
+    ));
+    md.push_str(&format!(
+        "| checkpointing: step time ≤ 1.35× baseline | ≤ {CKPT_TIME_MAX:.2}× | {}× | {} |\n",
+        num(ckpt_time, 2),
+        verdict(ckpt_time, CKPT_TIME_MAX)
+    ));
+    md.push_str(&format!(
+        "| (context) all: CPU time ≤ 1.5× baseline's | ≤ {ALL_TIME_MAX:.2}× | {}× | {} |\n",
+        num(get("all_cpu_time_ratio"), 2),
+        verdict(get("all_cpu_time_ratio"), ALL_TIME_MAX)
+    ));
+    md.push_str(&format!(
+        "| (context) checkpointing: CPU time ≤ 1.35× baseline's | ≤ {CKPT_TIME_MAX:.2}× | {}× | {} |\n",
+        num(get("checkpointing_cpu_time_ratio"), 2),
+        verdict(get("checkpointing_cpu_time_ratio"), CKPT_TIME_MAX)
+    ));
+    md.push_str(&format!(
+        "| (f32 without bf16) checkpointing + accumulation: peak ≤ 40 %, time ≤ 1.5× | | {} at {}× | {} / {} |\n",
+        pct(get("ckpt_accum_peak_ratio")),
+        num(get("ckpt_accum_time_ratio"), 2),
+        verdict(get("ckpt_accum_peak_ratio"), ALL_PEAK_MAX),
+        verdict(get("ckpt_accum_time_ratio"), ALL_TIME_MAX),
+    ));
     md
 }
 
