@@ -26,11 +26,11 @@
 //! | `training.max_batch` | 512 | a multiple of 8, ≥ min_batch |
 //! | `training.batch_memory_threshold` | 0.85 | (0, 1] |
 //! | `training.target_effective_batch` | 128 | ≥ 1 |
-//! | `training.mixed_precision` | true | bool (bf16 working copy) |
+//! | `training.mixed_precision` | true | bool (bf16 working copy in the plan and the learner's update; slower than f32 on CPU, see [`TrainingMemoryConfig::mixed_precision`]) |
 //! | `training.gradient_checkpointing` | true | bool |
 //! | `training.checkpoint_segments` | 4 | 1 ..= 64 |
 //! | `run.steps` | 1500 | 1 ..= 10^9 |
-//! | `run.batch_size` | 64 | 1 ..= 4096 (the learner's batch; capped by the largest plain-f32 batch the memory plan measured to fit) |
+//! | `run.batch_size` | 64 | 1 ..= 4096 (the learner's batch; capped by the plan's effective batch and split into the plan's micro-batches when larger) |
 //! | `run.seed` | 0 | any u64 |
 //! | `run.model` | `"small"` | `"small"` or `"full"` |
 //! | `run.synthetic_bars` | 20000 | 2000 ..= 10^7 |
@@ -127,11 +127,25 @@ pub struct TrainingMemoryConfig {
     /// Default 0.85.
     pub batch_memory_threshold: f64,
     /// Items per optimizer update that gradient accumulation aims for.
-    /// Default 128.
+    /// Default 128. The learner's batch is `run.batch_size` capped by the
+    /// plan's effective batch; it is split into the plan's micro-batches
+    /// (accumulated) when it is larger than one.
     pub target_effective_batch: usize,
-    /// bf16 working copy over f32 master weights. Default true.
+    /// bf16 working copy over f32 master weights, in the plan and in the
+    /// learner's update. Default true. On the CPU bf16 kernels are slower
+    /// than f32 (shared/NOTES.md): it buys memory, not speed. Measured on
+    /// the default run (`grandmodel train`, small model, batch 64, release
+    /// build, 2 cores, otherwise idle): updating steps at 5.0 steps/s with
+    /// bf16 and checkpointing, 8.5 with checkpointing alone; the whole
+    /// default run (1500 steps, 1250 of them updating) 4.1 minutes
+    /// with bf16, 2.5 without — within the 10 minutes the default run is
+    /// kept to, so the default stays on. Turn it off for speed when memory
+    /// does not bind.
     pub mixed_precision: bool,
-    /// Gradient checkpointing. Default true.
+    /// Gradient checkpointing (`checkpoint_segments` per embedder) in the
+    /// plan and in the learner's update. Default true (on the small model
+    /// about 15 % slower updates than plain backprop, measured with a
+    /// build running alongside; in f32 the losses were identical).
     pub gradient_checkpointing: bool,
     /// Checkpoint segments per embedder. Default 4.
     pub checkpoint_segments: usize,
@@ -176,9 +190,10 @@ pub struct RunConfig {
     /// Learner steps (total, counting the steps of a resumed run).
     /// Default 1500 (the default run then takes minutes on 2 cores).
     pub steps: u64,
-    /// The learner's batch (gm-train's default, 64), capped by the largest
-    /// plain-f32 batch the memory plan measured to fit. The learner updates
-    /// with plain f32 backprop; `training.*` plans the optimized step.
+    /// The learner's batch (gm-train's default, 64), capped by the memory
+    /// plan's effective batch. The learner's update runs the plan
+    /// (`training.*`: micro-batches, checkpointing, precision); a critical
+    /// memory alert halves the live batch.
     pub batch_size: usize,
     /// Seed of the weights, environments, exploration and sampling.
     /// Default 0.

@@ -90,6 +90,17 @@ pub struct PipelinePlan {
     pub notes: Vec<String>,
 }
 
+impl PipelinePlan {
+    /// The planned precision as gm-train's [`Precision`].
+    pub fn working_precision(&self) -> Precision {
+        match self.precision {
+            "bf16" => Precision::Bf16,
+            "f16" => Precision::F16,
+            _ => Precision::F32,
+        }
+    }
+}
+
 impl std::fmt::Debug for AgentModel<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentModel")

@@ -12,13 +12,22 @@
 //!    peaks ([`pipeline`](crate::pipeline)), and the learner is built (or
 //!    resumed): replay capacity from `min(memory.buffer_limit_bytes,
 //!    limit / 4)` over the schema's bytes per transition, LZ4 compression
-//!    of cold chunks from 80 % of it; the batch is `run.batch_size`, capped
-//!    by the plan's largest plain-backprop batch that fits (the learner's
-//!    update is plain f32 backprop, so that is the figure that binds it).
+//!    of cold chunks from 80 % of it. The plan is what the learner's
+//!    update runs ([`StepPlan`], gm-train's `LearnerConfig::step`): the
+//!    batch is `run.batch_size`, capped by the plan's effective batch
+//!    (micro-batch × accumulation steps); it is split into micro-batches
+//!    of the plan's micro-batch when it is larger (gradient accumulation);
+//!    the plan's checkpoint segments (`training.gradient_checkpointing`)
+//!    and precision (`training.mixed_precision`: a bf16 working copy) are
+//!    used as planned. A resumed run keeps the step it started with
+//!    (`run_state.json`).
 //! 3. Steps, each measured (its allocator peak is the `activations`
 //!    gauge); every `run.log_every_steps` a record in `metrics.jsonl`, a
 //!    monitor sample (alerts and reactions at once) and a progress event.
-//!    A stop request (Ctrl-C) writes a checkpoint and returns.
+//!    When a critical alert has halved the system's recommended batch
+//!    below the learner's, the learner's live batch is set to it before
+//!    the next step ([`follow_batch_shrink`]; the report lists every
+//!    change). A stop request (Ctrl-C) writes a checkpoint and returns.
 //! 4. The end: a checkpoint (`--resume` continues from it), the held-out
 //!    evaluation (agent vs buy-and-hold, random, and on synthetic data the
 //!    regime oracle), and `report.json`, `report.md`, `memory.svg`.
@@ -27,7 +36,7 @@
 //! | file | holds |
 //! |---|---|
 //! | `config.toml` | the resolved configuration (a resumed run reads it) |
-//! | `run_state.json` | the batch the learner uses (kept on resume) |
+//! | `run_state.json` | the batch the learner started with, the replay capacity and the update's step (kept on resume; the live batch is in the checkpoint) |
 //! | `checkpoint/` | gm-train's crash-safe learner checkpoint |
 //! | `metrics.jsonl` | one JSON object per logged step (appended on resume) |
 //! | `monitor.jsonl` | gm-monitor's samples |
@@ -49,7 +58,9 @@ use gm_market::{
     evaluate, BuyAndHold, GeneratorConfig, MarketData, PipelineConfig, PolicyReturns, RandomPolicy,
     RegimeOracle, TradingEnv, OBS_DIM,
 };
-use gm_train::{AgentNet, Learner, LearnerConfig, ObsBatch, StepReport};
+use gm_train::{
+    AgentNet, CheckpointConfig, Learner, LearnerConfig, ObsBatch, Precision, StepConfig, StepReport,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -168,8 +179,15 @@ pub struct TrainSummary {
     pub total_secs: f64,
     /// Mean loss of the last window.
     pub final_loss: Option<f64>,
-    /// The batch the learner used.
+    /// The batch the learner started with.
     pub batch: usize,
+    /// The learner's batch at the end (smaller than `batch` after a
+    /// critical alert shrank it).
+    pub final_batch: usize,
+    /// Every change of the live batch in this invocation.
+    pub batch_changes: Vec<BatchChange>,
+    /// What the learner's update ran.
+    pub step: StepPlan,
     /// Replay capacity, transitions.
     pub replay_capacity: usize,
     /// Peak RSS (kernel VmHWM).
@@ -186,6 +204,116 @@ pub struct TrainSummary {
 struct RunState {
     batch: usize,
     replay_capacity: usize,
+    /// Absent in run states written before the step was configurable
+    /// (their runs trained plain f32 on whole batches).
+    #[serde(default)]
+    step: Option<StepPlan>,
+}
+
+/// The techniques the learner's update runs (gm-train's `StepConfig`),
+/// from the [`PipelinePlan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// Rows per micro-batch for gradient accumulation (`None`: the whole
+    /// batch at once).
+    pub micro_batch: Option<usize>,
+    /// Checkpoint segments per embedder (1: plain backprop).
+    pub checkpoint_segments: usize,
+    /// The forward/backward dtype (`F32` or `Bf16`; masters stay f32).
+    pub precision: Precision,
+}
+
+impl Default for StepPlan {
+    /// Plain f32 backprop of the whole batch.
+    fn default() -> Self {
+        Self {
+            micro_batch: None,
+            checkpoint_segments: 1,
+            precision: Precision::F32,
+        }
+    }
+}
+
+impl StepPlan {
+    /// The learner's batch and step for `plan`: the batch is
+    /// `batch_size` capped by the plan's effective batch; micro-batches
+    /// of the plan's micro-batch when the batch is larger.
+    pub fn from_plan(plan: &PipelinePlan, batch_size: usize) -> (usize, Self) {
+        let batch = batch_size.min(plan.effective_batch).max(1);
+        let step = Self {
+            micro_batch: (plan.micro_batch < batch).then_some(plan.micro_batch.max(1)),
+            checkpoint_segments: plan.checkpoint_segments.max(1),
+            precision: plan.working_precision(),
+        };
+        (batch, step)
+    }
+
+    /// The learner's step configuration (dropout on; the Huber threshold
+    /// and clip are the learner's).
+    pub fn step_config(&self) -> StepConfig {
+        StepConfig {
+            checkpoint: (self.checkpoint_segments > 1).then_some(CheckpointConfig {
+                segments: self.checkpoint_segments,
+                ..CheckpointConfig::default()
+            }),
+            precision: self.precision,
+            micro_batch: self.micro_batch,
+            ..StepConfig::default()
+        }
+    }
+
+    /// `"batch 64 (micro-batches of 16, 4 accumulated), 4 checkpoint
+    /// segments, bf16"`.
+    pub fn describe(&self, batch: usize) -> String {
+        let micro = match self.micro_batch {
+            Some(m) if m < batch => {
+                format!(" (micro-batches of {m}, {} accumulated)", batch.div_ceil(m))
+            }
+            _ => " (one micro-batch, no accumulation)".into(),
+        };
+        let ckpt = if self.checkpoint_segments > 1 {
+            format!("{} checkpoint segments", self.checkpoint_segments)
+        } else {
+            "no checkpointing".into()
+        };
+        let prec = match self.precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16 working copy",
+            Precision::F16 => "f16 working copy with loss scaling",
+        };
+        format!("batch {batch}{micro}, {ckpt}, {prec}")
+    }
+}
+
+/// A change of the learner's live batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BatchChange {
+    /// The step after which the change took effect.
+    pub step: u64,
+    /// The batch before.
+    pub from: usize,
+    /// The batch after.
+    pub to: usize,
+}
+
+/// Applies a batch shrink: when the system's recommended batch (halved by
+/// critical alerts) is below the learner's live batch, sets the learner's
+/// batch to it (from the next update on) and returns the change.
+pub fn follow_batch_shrink(
+    system: &MemoryOptimizationSystem,
+    learner: &mut Learner,
+) -> Result<Option<BatchChange>> {
+    let (recommended, _) = system.batch();
+    let from = learner.batch_size();
+    if recommended == 0 || recommended >= from {
+        return Ok(None);
+    }
+    learner.set_batch_size(recommended)?;
+    Ok(Some(BatchChange {
+        step: learner.counters().step,
+        from,
+        to: recommended,
+    }))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -428,18 +556,23 @@ pub fn run(
     let schema = gm_train::learner::replay::replay_schema()?;
     let per_transition = schema.transition_bytes().max(1) as u64;
     let state_path = out.join("run_state.json");
-    let state = if opts.resume.is_some() && state_path.is_file() {
+    let mut state = if opts.resume.is_some() && state_path.is_file() {
         let text = fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-        serde_json::from_str::<RunState>(&text).map_err(|e| Error::Checkpoint {
+        let mut s = serde_json::from_str::<RunState>(&text).map_err(|e| Error::Checkpoint {
             path: state_path.clone(),
             reason: format!("run_state.json: {e}"),
-        })?
+        })?;
+        s.step.get_or_insert_with(StepPlan::default);
+        s
     } else {
+        let (batch, step) = StepPlan::from_plan(&plan, cfg.run.batch_size);
         RunState {
-            batch: cfg.run.batch_size.min(plan.plain_batch),
+            batch,
             replay_capacity: ((replay_budget / per_transition) as usize).min(100_000),
+            step: Some(step),
         }
     };
+    let step_plan = *state.step.get_or_insert_with(StepPlan::default);
     let min_capacity = 2 * lcfg.learning_starts_transitions;
     if state.replay_capacity < min_capacity {
         return Err(Error::MemoryTooSmall {
@@ -453,6 +586,7 @@ pub fn run(
         });
     }
     lcfg.batch_size = state.batch;
+    lcfg.step = step_plan.step_config();
     lcfg.replay = BufferConfig {
         capacity: state.replay_capacity,
         storage: StorageMode::Memory,
@@ -460,7 +594,6 @@ pub fn run(
         compress_at: 0.8,
         ..BufferConfig::default()
     };
-    system.set_batch(state.batch);
     fs::write(
         &state_path,
         serde_json::to_string_pretty(&state).unwrap_or_default(),
@@ -481,6 +614,13 @@ pub fn run(
         }
         None => Learner::new(lcfg.clone(), train_data.clone())?,
     };
+    // The live batch (a resumed run continues with its checkpoint's).
+    system.set_batch(learner.batch_size());
+    progress.message(&format!(
+        "update step: {}",
+        step_plan.describe(learner.batch_size())
+    ));
+    let mut batch_changes = Vec::new();
     system.register_replay("replay", learner.replay())?;
     let params = system.gauge("params")?;
     let optim = system.gauge("optimizer_state")?;
@@ -510,6 +650,15 @@ pub fn run(
         }
         // This thread's peak: the sync learner steps and updates here, and
         // the system's background threads do not disturb the figure.
+        if let Some(c) = follow_batch_shrink(&system, &mut learner)? {
+            progress.message(&format!(
+                "critical memory alert: batch {} -> {} from step {}",
+                c.from,
+                c.to,
+                c.step + 1
+            ));
+            batch_changes.push(c);
+        }
         let (r, m) = gm_leak::measure_thread(|| learner.step());
         let r: StepReport = r?;
         activations.set(m.peak_net_bytes);
@@ -558,6 +707,7 @@ pub fn run(
                 "replay_compressed_chunks": stats.compressed_chunks,
                 "activations_bytes": m.peak_net_bytes,
                 "recommended_batch": system.batch().0,
+                "batch": learner.batch_size(),
                 "limit_bytes": limit,
             });
             writeln!(metrics, "{rec}").map_err(io_err(&metrics_path))?;
@@ -621,6 +771,9 @@ pub fn run(
         total_secs: 0.0,
         final_loss: last_loss,
         batch: state.batch,
+        final_batch: learner.batch_size(),
+        batch_changes,
+        step: step_plan,
         replay_capacity: state.replay_capacity,
         peak_rss_bytes: peak,
         limit_bytes: limit,
@@ -718,6 +871,19 @@ pub fn summary_table(s: &TrainSummary) -> String {
         "batch / replay capacity",
         format!("{} / {}", s.batch, s.replay_capacity),
     );
+    row(&mut t, "update step (what ran)", s.step.describe(s.batch));
+    if !s.batch_changes.is_empty() || s.final_batch != s.batch {
+        let changes: Vec<String> = s
+            .batch_changes
+            .iter()
+            .map(|c| format!("{} -> {} after step {}", c.from, c.to, c.step))
+            .collect();
+        row(
+            &mut t,
+            "batch shrinks (critical alerts)",
+            format!("{}; final batch {}", changes.join(", "), s.final_batch),
+        );
+    }
     row(
         &mut t,
         "final loss",
@@ -831,7 +997,7 @@ fn write_reports(
         b(plan.peak_after_bytes)
     ));
     md.push_str(&format!(
-        "| largest plain f32 batch that fits (≤ target; caps the learner batch) | {} |\n",
+        "| largest plain f32 batch that fits (≤ target) | {} |\n",
         plan.plain_batch
     ));
     for n in &plan.notes {

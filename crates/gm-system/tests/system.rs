@@ -3,7 +3,9 @@
 //! and trigger the reactions (reclaim, batch shrink); the emergency cleanup
 //! reports what each component freed; the report derives recommendations
 //! from the figures; the training-step plan measures a lower peak with
-//! checkpointing and bf16.
+//! checkpointing and bf16, and becomes the learner's update step
+//! (micro-batches, segments, precision); a critical alert's batch shrink
+//! reaches the live learner.
 //!
 //! Threads and RSS are per process: this binary runs its checks one after
 //! another in `main`, without the test harness's threads
@@ -17,11 +19,12 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use gm_buffers::{col, BufferConfig, DType as BDType, FieldSpec, PerConfig, Schema};
 use gm_buffers::{PrioritizedReplayBuffer, SharedReplay};
+use gm_system::train::{follow_batch_shrink, StepPlan};
 use gm_system::{
     AgentModel, MemoryOptimizationConfig, MemoryOptimizationSystem, SystemOptions,
     TrainingMemoryConfig,
 };
-use gm_train::{AgentConfig, AgentNet, ObsBatch};
+use gm_train::{AgentConfig, AgentNet, Learner, LearnerConfig, ObsBatch, Precision};
 
 #[global_allocator]
 static ALLOC: gm_leak::TrackingAllocator = gm_leak::TrackingAllocator::system();
@@ -39,6 +42,44 @@ fn quick_memory(limit_bytes: u64) -> MemoryOptimizationConfig {
         leak_check_interval: Duration::from_millis(5),
         ..MemoryOptimizationConfig::default()
     }
+}
+
+/// A small synchronous learner (tiny agent, 8 environments, updates from
+/// step 8 on) with `batch` and `step`.
+fn tiny_learner(batch: usize, step: StepPlan) -> Learner {
+    let data = gm_market::MarketData::synthetic(
+        gm_market::GeneratorConfig {
+            seed: 3,
+            ..gm_market::GeneratorConfig::default()
+        },
+        2_000,
+        gm_market::PipelineConfig::default(),
+    )
+    .unwrap();
+    let mut c = LearnerConfig::small();
+    c.env = gm_market::EnvConfig {
+        episode_bars: 24,
+        ..gm_market::EnvConfig::default()
+    };
+    c.batch_size = batch;
+    c.learning_starts_transitions = 64;
+    c.replay = BufferConfig {
+        capacity: 1_000,
+        storage: gm_buffers::StorageMode::Memory,
+        ..BufferConfig::default()
+    };
+    c.step = step.step_config();
+    Learner::new(c, Arc::new(data)).unwrap()
+}
+
+/// Steps until an update happens; returns its statistics.
+fn next_update(l: &mut Learner) -> gm_train::UpdateStats {
+    for _ in 0..32 {
+        if let Some(u) = l.step().unwrap().update {
+            return u;
+        }
+    }
+    panic!("no update in 32 steps");
 }
 
 fn replay() -> SharedReplay<PrioritizedReplayBuffer> {
@@ -62,6 +103,11 @@ fn replay() -> SharedReplay<PrioritizedReplayBuffer> {
 }
 
 fn lifecycle_alerts_reactions_cleanup_and_report() {
+    // A learner of batch 64 for the batch shrink below, updated once
+    // before the thread count is taken: its matmuls start candle's
+    // process-wide thread pool, which is not the system's to join.
+    let mut learner = tiny_learner(64, StepPlan::default());
+    assert_eq!(next_update(&mut learner).batch, 64);
     let before = threads();
     let r = replay();
     let rss = gm_system::ProcMemory::read().rss_bytes.unwrap();
@@ -115,6 +161,16 @@ fn lifecycle_alerts_reactions_cleanup_and_report() {
         (1..=2).contains(&shrinks) && batch == 64 >> shrinks,
         "{batch} {shrinks}"
     );
+    // The shrink reaches a live learner of batch 64: its next update
+    // samples the shrunk batch; a second look changes nothing.
+    let change = follow_batch_shrink(&system, &mut learner)
+        .unwrap()
+        .expect("a shrink to follow");
+    assert_eq!((change.from, change.to), (64, batch));
+    assert_eq!(learner.batch_size(), batch);
+    assert_eq!(learner.step().unwrap().update.map(|u| u.batch), Some(batch));
+    assert_eq!(follow_batch_shrink(&system, &mut learner).unwrap(), None);
+    drop(learner);
 
     // The emergency cleanup visits the replay and measures what it freed.
     let c = system.emergency_memory_cleanup();
@@ -170,6 +226,7 @@ fn pipeline_plan_measures_a_lower_peak() {
         quick_memory(8 << 30),
         TrainingMemoryConfig {
             target_effective_batch: 64,
+            mixed_precision: true,
             ..TrainingMemoryConfig::default()
         },
     )
@@ -218,6 +275,7 @@ fn pipeline_plan_measures_a_lower_peak() {
         rss + (peak32 as f64 / 0.85 * 1.05) as u64,
         &TrainingMemoryConfig {
             target_effective_batch: 64,
+            mixed_precision: true,
             ..TrainingMemoryConfig::default()
         },
         AgentModel {
@@ -232,6 +290,35 @@ fn pipeline_plan_measures_a_lower_peak() {
         small.accumulation_steps,
         64usize.div_ceil(small.micro_batch),
         "{small:?}"
+    );
+
+    // The plans become the learner's update step. Roomy: the whole batch
+    // at once; tight: micro-batches accumulated.
+    let (b, roomy) = StepPlan::from_plan(&plan, 64);
+    assert_eq!(b, 64);
+    assert_eq!(
+        roomy,
+        StepPlan {
+            micro_batch: None,
+            checkpoint_segments: 4,
+            precision: Precision::Bf16
+        }
+    );
+    let (b, tight) = StepPlan::from_plan(&small, 64);
+    assert_eq!((b, tight.micro_batch), (64, Some(small.micro_batch)));
+    let sc = tight.step_config();
+    assert_eq!(sc.checkpoint.map(|c| c.segments), Some(4));
+    assert_eq!(sc.precision, Precision::Bf16);
+    // A learner trained with it runs what the plan says.
+    let mut learner = tiny_learner(64, tight);
+    let u = next_update(&mut learner);
+    assert_eq!(u.batch, 64);
+    assert_eq!(u.micro_batches, small.accumulation_steps, "{u:?}");
+    assert!(u.stepped && u.loss.is_finite(), "{u:?}");
+    assert_eq!(
+        learner.train_step().cfg.precision,
+        Precision::Bf16,
+        "bf16 runs"
     );
     println!(
         "pipeline plan: before {} B, after {} B; tight: micro {} x {}: ok",

@@ -16,7 +16,20 @@
 //!
 //! The gradient of `L` is back-propagated through `Q(s, a)` only (`y` is a
 //! constant), clipped to a global norm, and applied by [`AdamW`]; the
-//! sampled transitions get priority `|δ|`. The target network is copied from
+//! sampled transitions get priority `|δ|`. The loss, backward pass, clip
+//! and AdamW step are one [`TrainStep`] configured by
+//! [`LearnerConfig::step`], so segment gradient checkpointing, a bf16/f16
+//! working copy (f16 with dynamic loss scaling) and gradient accumulation
+//! over micro-batches apply to real training; the default is plain f32
+//! backprop of the whole batch (numerically the update this learner made
+//! before the step was configurable: `y` enters the step in f64). The batch can
+//! be changed between updates with [`Learner::set_batch_size`] (a trainer
+//! shrinks it under memory pressure).
+//!
+//! With f16, an update whose gradients overflow is skipped (the loss
+//! scaler backs off; [`UpdateStats::stepped`] is false) and counts as an
+//! update; with f32 or bf16 a non-finite gradient norm stops the run with
+//! [`Error::Stopped`]. The target network is copied from
 //! the online one every `every_updates` updates ([`TargetUpdate::Hard`]) or
 //! moved towards it by `τ` after every update ([`TargetUpdate::Polyak`]).
 //!
@@ -67,7 +80,7 @@
 //! | `target.safetensors` | the target network |
 //! | `optimizer.safetensors` | AdamW moments: `m/<variable>` and `v/<variable>` (variables that never had a gradient have none) |
 //! | `replay.gmr` | the prioritized buffer with its priorities and β position (gm-buffers `save`) |
-//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), fingerprints of the config and data, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), the live batch size, the f16 loss scaler's state, fingerprints of the config (the step's techniques included) and data, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
 //!
 //! Everything is written into a fresh sibling directory
 //! (`.<name>.tmp-<pid>-<nanos>`), every file and then the directory are
@@ -90,7 +103,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use gm_buffers::{
     Batch, BufferConfig, PerConfig, PrefetchBuilder, Prefetcher, PrioritizedReplayBuffer,
@@ -104,12 +117,13 @@ use rand_chacha::ChaCha8Rng;
 use self::actors::{
     ActorCore, ActorPool, ActorPoolBuilder, ActorSpec, EpisodeEnd, ParamSnapshot, Shared,
 };
-use self::persist::{ActorState, Body, Fingerprint, RngState};
+use self::persist::{ActorState, Body, Fingerprint, RngState, StepFingerprint};
 use self::policy::GreedyPolicy;
 use self::replay::{names, replay_schema, NStep};
 use crate::agent::{AgentConfig, AgentNet, ObsBatch};
 use crate::grads::Grads;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::step::{StepConfig, TdBatch, TrainStep};
 use crate::{Error, Result};
 
 /// How the target network follows the online one.
@@ -194,8 +208,17 @@ pub struct LearnerConfig {
     /// false: gm-market's episodes end at a time limit while the market goes
     /// on, so the return is cut and bootstraps from the last observation.
     pub terminal_at_episode_end: bool,
-    /// Transitions per update batch. Default 64.
+    /// Transitions per update batch at the start of a run (the live batch
+    /// can be changed with [`Learner::set_batch_size`]). Default 64.
     pub batch_size: usize,
+    /// The update's techniques: segment gradient checkpointing, precision
+    /// (f16 with a loss scaler) and micro-batches for gradient
+    /// accumulation, and whether dropout is on. Default
+    /// [`StepConfig::default`]: plain f32 backprop of the whole batch,
+    /// dropout on. Its `huber_delta` and `max_grad_norm` are replaced by
+    /// [`huber_delta`](Self::huber_delta) and
+    /// [`max_grad_norm`](Self::max_grad_norm) (one source for each).
+    pub step: StepConfig,
     /// Replay storage; `capacity` in transitions (default 100 000, memory
     /// storage). `rows_per_stream = None` is sized for the n-step
     /// add order ([`replay::rows_per_stream`]).
@@ -250,6 +273,7 @@ impl Default for LearnerConfig {
             reward_scale: 100.0,
             terminal_at_episode_end: false,
             batch_size: 64,
+            step: StepConfig::default(),
             replay: BufferConfig {
                 capacity: 100_000,
                 storage: StorageMode::Memory,
@@ -400,11 +424,54 @@ impl LearnerConfig {
                 "a finite value > 0",
             ));
         }
+        self.step_config().validate().map_err(|e| match e {
+            Error::Config {
+                key,
+                value,
+                allowed,
+            } => Error::Config {
+                key: match key {
+                    "micro_batch" => "step.micro_batch",
+                    "segments" => "step.checkpoint.segments",
+                    k => k,
+                },
+                value,
+                allowed,
+            },
+            other => other,
+        })?;
         if self.actor_sync_every_updates == 0 {
             return Err(Error::config("actor_sync_every_updates", 0, "at least 1"));
         }
         if self.log_every_steps == 0 {
             return Err(Error::config("log_every_steps", 0, "at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The step configuration the learner runs: [`step`](Self::step) with
+    /// the learner's Huber threshold and gradient clip.
+    pub fn step_config(&self) -> StepConfig {
+        StepConfig {
+            huber_delta: self.huber_delta,
+            max_grad_norm: Some(self.max_grad_norm),
+            ..self.step
+        }
+    }
+
+    /// Checks a batch size for this config: at least 1, at most
+    /// `learning_starts_transitions` (the fewest transitions an update
+    /// samples from).
+    fn check_batch_size(&self, key: &'static str, b: usize) -> Result<()> {
+        if b == 0 || b > self.learning_starts_transitions {
+            return Err(Error::config(
+                key,
+                b,
+                format!(
+                    "1 ..= learning_starts_transitions ({})",
+                    self.learning_starts_transitions
+                ),
+            ));
         }
         Ok(())
     }
@@ -453,6 +520,7 @@ impl LearnerConfig {
             agent_crc32: crc32fast::hash(format!("{:?}", self.agent).as_bytes()),
             data_bars: data.len(),
             data_crc32: h.finalize(),
+            step: StepFingerprint::of(&self.step),
         }
     }
 }
@@ -479,8 +547,18 @@ pub struct UpdateStats {
     pub td_error: f64,
     /// Mean `Q(s, a)` of the batch.
     pub q_mean: f64,
-    /// Gradient norm before clipping.
+    /// Gradient norm before clipping (not finite when the update was
+    /// skipped).
     pub grad_norm: f64,
+    /// Transitions in the batch.
+    pub batch: usize,
+    /// Micro-batches the batch was split into (1 without accumulation).
+    pub micro_batches: usize,
+    /// Whether the optimizer stepped (false only for an f16 update whose
+    /// gradients overflowed: the loss scaler backed off).
+    pub stepped: bool,
+    /// The loss scale the update used (1 without a loss scaler).
+    pub loss_scale: f64,
 }
 
 /// What one [`Learner::step`] did.
@@ -498,13 +576,14 @@ pub struct StepReport {
     pub episode_returns: Vec<f64>,
 }
 
-/// The networks and the optimizer.
+/// The networks, the optimizer and the configured training step.
 struct Nets {
     online_vm: VarMap,
     online: AgentNet,
     target_vm: VarMap,
     target: AgentNet,
     opt: AdamW,
+    step: TrainStep,
 }
 
 impl std::fmt::Debug for Nets {
@@ -533,24 +612,28 @@ impl Nets {
         copy_vars(&online_vm, &target_vm, None)?;
         let n = Grads::empty(&online_vm)?.len();
         let opt = AdamW::new(cfg.optimizer, n)?;
+        let step = TrainStep::new(cfg.step_config(), cfg.agent.clone())?;
         Ok(Self {
             online_vm,
             online,
             target_vm,
             target,
             opt,
+            step,
         })
     }
 
-    /// One Double-DQN update on `batch`; returns the statistics and the new
-    /// priorities `|δ|`.
+    /// One Double-DQN update on `batch` through the configured
+    /// [`TrainStep`]; returns the statistics and the new priorities `|δ|`
+    /// (`None` when an f16 update was skipped and a TD error is not
+    /// finite: the sampled transitions keep their priorities).
     fn update(
         &mut self,
         cfg: &LearnerConfig,
         batch: &Batch,
         update_index: u64,
         device: &Device,
-    ) -> Result<(UpdateStats, Vec<f32>)> {
+    ) -> Result<(UpdateStats, Option<Vec<f32>>)> {
         let b = batch.len();
         let obs = ObsBatch::from_parts(
             batch.get::<f32>(names::STRUCTURE)?,
@@ -596,46 +679,31 @@ impl Nets {
                 f64::from(rewards[i]) + boot
             })
             .collect();
+        let idx = actions
+            .iter()
+            .map(|&a| u32::try_from(a).map_err(|_| Error::config("action", a, "an index >= 0")))
+            .collect::<Result<Vec<u32>>>()?;
 
-        // Q(s, a) with gradient.
-        let mut ctx = ForwardCtx::train(mix(cfg.seed ^ 0xD0_0D, update_index));
-        let q = self.online.q_values(&obs, &mut ctx)?;
-        let idx: Vec<u32> = actions.iter().map(|&a| a as u32).collect();
-        let idx = Tensor::from_vec(idx, (b, 1), device)?;
-        let q_sa = q.gather(&idx, 1)?.squeeze(1)?;
-        let q_sa_v = q_sa.to_vec1::<f32>()?;
-
-        // Huber loss and its gradient dL/dQ(s_i, a_i), computed here: the
-        // backward pass is then a vector-Jacobian product through Q(s, a).
-        let kappa = cfg.huber_delta;
-        let (mut loss, mut td, mut qm) = (0f64, 0f64, 0f64);
-        let mut upstream = Vec::with_capacity(b);
-        let mut priorities = Vec::with_capacity(b);
-        for i in 0..b {
-            let d = f64::from(q_sa_v[i]) - y[i];
-            let w = f64::from(weights[i]);
-            let ad = d.abs();
-            let h = if ad <= kappa {
-                0.5 * d * d
-            } else {
-                kappa * (ad - 0.5 * kappa)
-            };
-            loss += w * h;
-            td += ad;
-            qm += f64::from(q_sa_v[i]);
-            upstream.push((w * d.clamp(-kappa, kappa) / b as f64) as f32);
-            priorities.push(ad as f32);
-        }
-        let g = Tensor::from_vec(upstream, b, device)?;
-        let store = q_sa.mul(&g)?.sum_all()?.backward()?;
-        let mut grads = Grads::from_store(&self.online_vm, &store)?;
-        let grad_norm = grads.clip_global_norm(cfg.max_grad_norm)?;
-        if !grad_norm.is_finite() {
+        // Loss, backward (with the configured techniques), clip and AdamW.
+        let td = TdBatch {
+            obs: &obs,
+            actions: &idx,
+            targets: &y,
+            weights: Some(weights),
+        };
+        let seed = mix(cfg.seed ^ 0xD0_0D, update_index);
+        let out = self
+            .step
+            .step(&self.online, &self.online_vm, &mut self.opt, &td, seed)?;
+        if !out.stepped && self.step.precision.scaler.is_none() {
             return Err(Error::Stopped(format!(
-                "non-finite gradient norm {grad_norm} at update {update_index}"
+                "non-finite gradient norm {} at update {update_index}",
+                out.grad_norm
             )));
         }
-        self.opt.step(&grads)?;
+        if !out.stepped {
+            tracing::debug!(target: "gm_train", updates = update_index + 1, loss_scale = out.loss_scale, "update skipped: f16 gradients overflowed");
+        }
 
         match cfg.target_update {
             TargetUpdate::Hard { every_updates } => {
@@ -646,13 +714,22 @@ impl Nets {
             }
             TargetUpdate::Polyak { tau } => copy_vars(&self.online_vm, &self.target_vm, Some(tau))?,
         }
-        let bf = b as f64;
+        let td_error = out.td_abs.iter().map(|&d| f64::from(d)).sum::<f64>() / b as f64;
+        let priorities = out
+            .td_abs
+            .iter()
+            .all(|d| d.is_finite())
+            .then_some(out.td_abs);
         Ok((
             UpdateStats {
-                loss: loss / bf,
-                td_error: td / bf,
-                q_mean: qm / bf,
-                grad_norm,
+                loss: out.loss,
+                td_error,
+                q_mean: out.q_mean,
+                grad_norm: out.grad_norm,
+                batch: b,
+                micro_batches: out.micro_batches,
+                stepped: out.stepped,
+                loss_scale: out.loss_scale,
             },
             priorities,
         ))
@@ -737,6 +814,8 @@ pub struct Learner {
     replay: SharedReplay<PrioritizedReplayBuffer>,
     rng: ChaCha8Rng,
     counters: LearnerCounters,
+    /// The live batch size ([`Learner::set_batch_size`]).
+    batch_size: usize,
     window: Window,
     mode: Mode,
 }
@@ -753,7 +832,8 @@ impl Learner {
         let replay = SharedReplay::new(buffer);
         let rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 1));
         let counters = LearnerCounters::default();
-        let mode = Self::start_mode(&cfg, &data, &replay, &nets, counters, None)?;
+        let batch_size = cfg.batch_size;
+        let mode = Self::start_mode(&cfg, &data, &replay, &nets, counters, batch_size, None)?;
         Ok(Self {
             cfg,
             device,
@@ -762,6 +842,7 @@ impl Learner {
             replay,
             rng,
             counters,
+            batch_size,
             window: Window::default(),
             mode,
         })
@@ -773,6 +854,7 @@ impl Learner {
         replay: &SharedReplay<PrioritizedReplayBuffer>,
         nets: &Nets,
         counters: LearnerCounters,
+        batch_size: usize,
         sync_state: Option<(&ActorState, &Path)>,
     ) -> Result<Mode> {
         let chunk = cfg.replay_segment_steps + cfg.n_step;
@@ -849,11 +931,7 @@ impl Learner {
                     episodes: tx,
                 }
                 .spawn()?;
-                let prefetch = PrefetchBuilder::new(cfg.batch_size)
-                    .depth(cfg.prefetch_depth)
-                    .seed(mix(cfg.seed, 5 + counters.updates))
-                    .min_len(cfg.learning_starts_transitions)
-                    .spawn(replay.clone())?;
+                let prefetch = Self::prefetcher(cfg, replay, batch_size, counters.updates)?;
                 Ok(Mode::Threaded(Box::new(Threaded {
                     pool,
                     prefetch,
@@ -865,9 +943,55 @@ impl Learner {
         }
     }
 
+    /// The threaded mode's prefetcher of batches of `batch_size`, its
+    /// sampling seeded by the update count.
+    fn prefetcher(
+        cfg: &LearnerConfig,
+        replay: &SharedReplay<PrioritizedReplayBuffer>,
+        batch_size: usize,
+        updates: u64,
+    ) -> Result<Prefetcher> {
+        Ok(PrefetchBuilder::new(batch_size)
+            .depth(cfg.prefetch_depth)
+            .seed(mix(cfg.seed, 5 + updates))
+            .min_len(cfg.learning_starts_transitions)
+            .spawn(replay.clone())?)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &LearnerConfig {
         &self.cfg
+    }
+
+    /// The batch size the next update samples.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Sets the batch size from the next update on (a trainer shrinks it
+    /// under memory pressure). `batch` must be in
+    /// `1 ..= learning_starts_transitions`, else an [`Error::Config`] and
+    /// nothing changes. The live batch is checkpointed, so a resumed run
+    /// continues with it (bit-exactly in synchronous mode). In threaded
+    /// mode the prefetcher is restarted with the new size (the batches it
+    /// had ready are dropped).
+    pub fn set_batch_size(&mut self, batch: usize) -> Result<()> {
+        self.cfg.check_batch_size("batch_size", batch)?;
+        if batch == self.batch_size {
+            return Ok(());
+        }
+        if let Mode::Threaded(t) = &mut self.mode {
+            // Replacing the field drops (stops and joins) the old one.
+            t.prefetch = Self::prefetcher(&self.cfg, &self.replay, batch, self.counters.updates)?;
+        }
+        self.batch_size = batch;
+        Ok(())
+    }
+
+    /// The configured training step (its techniques and, for f16, the loss
+    /// scaler's state).
+    pub fn train_step(&self) -> &TrainStep {
+        &self.nets.step
     }
 
     /// The counters.
@@ -934,14 +1058,16 @@ impl Learner {
                 }
                 let update = if self.replay.len() >= self.cfg.learning_starts_transitions {
                     self.replay
-                        .sample_into(&mut s.batch, self.cfg.batch_size, &mut self.rng)?;
+                        .sample_into(&mut s.batch, self.batch_size, &mut self.rng)?;
                     let (stats, prio) = self.nets.update(
                         &self.cfg,
                         &s.batch,
                         self.counters.updates,
                         &self.device,
                     )?;
-                    self.replay.update_priorities(s.batch.indices(), &prio)?;
+                    if let Some(prio) = prio {
+                        self.replay.update_priorities(s.batch.indices(), &prio)?;
+                    }
                     self.counters.updates += 1;
                     Some(stats)
                 } else {
@@ -962,7 +1088,9 @@ impl Learner {
                 let (stats, prio) =
                     self.nets
                         .update(&self.cfg, &batch, self.counters.updates, &self.device)?;
-                update_priorities_lenient(&self.replay, batch.indices(), &prio)?;
+                if let Some(prio) = prio {
+                    update_priorities_lenient(&self.replay, batch.indices(), &prio)?;
+                }
                 drop(batch);
                 self.counters.updates += 1;
                 t.shared
@@ -1094,6 +1222,8 @@ impl Learner {
             episodes: counters.episodes,
             optimizer_step: self.nets.opt.step,
             learner_rng: RngState::of(&self.rng),
+            batch_size: Some(self.batch_size),
+            loss_scaler: self.nets.step.precision.scaler.clone(),
             actor,
             fingerprint: self.cfg.fingerprint(&self.data),
             files: Vec::new(),
@@ -1147,6 +1277,27 @@ impl Learner {
             &dir.join(persist::OPTIMIZER),
         )?;
         nets.opt.step = body.optimizer_step;
+        match (&mut nets.step.precision.scaler, body.loss_scaler) {
+            (Some(s), Some(saved)) => *s = saved,
+            (None, None) => {}
+            (mine, saved) => {
+                return Err(persist::corrupt(
+                    dir,
+                    format!(
+                        "loss scaler state {}, the config's precision {:?} {}",
+                        if saved.is_some() { "present" } else { "absent" },
+                        cfg.step.precision,
+                        if mine.is_some() {
+                            "needs one"
+                        } else {
+                            "has none"
+                        },
+                    ),
+                ))
+            }
+        }
+        let batch_size = body.batch_size.unwrap_or(cfg.batch_size);
+        cfg.check_batch_size("batch_size (checkpoint)", batch_size)?;
         let buffer = PrioritizedReplayBuffer::load(dir.join(persist::REPLAY))
             .map_err(|e| persist::corrupt(&dir.join(persist::REPLAY), e.to_string()))?;
         let replay = SharedReplay::new(buffer);
@@ -1167,7 +1318,9 @@ impl Learner {
             }
             _ => None,
         };
-        let mode = Self::start_mode(&cfg, &data, &replay, &nets, counters, sync_state)?;
+        let mode = Self::start_mode(
+            &cfg, &data, &replay, &nets, counters, batch_size, sync_state,
+        )?;
         tracing::info!(target: "gm_train", path = %dir.display(), step = counters.step, "checkpoint resumed");
         Ok(Self {
             cfg,
@@ -1177,6 +1330,7 @@ impl Learner {
             replay,
             rng,
             counters,
+            batch_size,
             window: Window::default(),
             mode,
         })

@@ -144,20 +144,22 @@ impl StepConfig {
 }
 
 /// One TD batch: observations, the actions taken, their targets and
-/// (optionally) importance weights, `B` rows each.
+/// (optionally) importance weights, `B` rows each. The targets are f32 by
+/// default; a caller that computes them in f64 (the learner's Double-DQN
+/// targets) passes them as f64 and the loss uses them unrounded.
 #[derive(Debug, Clone, Copy)]
-pub struct TdBatch<'a> {
+pub struct TdBatch<'a, T = f32> {
     /// The observations `s_i`.
     pub obs: &'a ObsBatch,
     /// `a_i`, indices in [`Action::ALL`].
     pub actions: &'a [u32],
     /// `y_i` (constants).
-    pub targets: &'a [f32],
+    pub targets: &'a [T],
     /// `w_i` (`None`: all 1).
     pub weights: Option<&'a [f32]>,
 }
 
-impl TdBatch<'_> {
+impl<T: Copy + Into<f64>> TdBatch<'_, T> {
     /// Rows.
     pub fn len(&self) -> usize {
         self.obs.len()
@@ -198,7 +200,12 @@ impl TdBatch<'_> {
                 format!("indices below {n_actions}"),
             ));
         }
-        if let Some(y) = self.targets.iter().find(|y| !y.is_finite()) {
+        if let Some(y) = self
+            .targets
+            .iter()
+            .map(|&y| y.into())
+            .find(|y: &f64| !y.is_finite())
+        {
             return Err(Error::config("targets", y, "finite values"));
         }
         Ok(())
@@ -279,7 +286,7 @@ impl TrainStep {
         net: &AgentNet,
         master: &VarMap,
         opt: &mut AdamW,
-        batch: &TdBatch<'_>,
+        batch: &TdBatch<'_, impl Copy + Into<f64>>,
         seed: u64,
     ) -> Result<StepOutcome> {
         let g = self.grads(net, master, batch, seed)?;
@@ -293,7 +300,7 @@ impl TrainStep {
         &self,
         net: &AgentNet,
         master: &VarMap,
-        batch: &TdBatch<'_>,
+        batch: &TdBatch<'_, impl Copy + Into<f64>>,
         seed: u64,
     ) -> Result<StepGrads> {
         batch.validate()?;
@@ -328,7 +335,10 @@ impl TrainStep {
             let rows_of = |v: &[f32]| v[start..start + rows].to_vec();
             let micro = MicroTd {
                 actions: batch.actions[start..start + rows].to_vec(),
-                targets: rows_of(batch.targets),
+                targets: batch.targets[start..start + rows]
+                    .iter()
+                    .map(|&y| y.into())
+                    .collect(),
                 weights: batch.weights.map(rows_of),
                 kappa,
                 loss_scale,
@@ -455,7 +465,7 @@ pub fn narrow_obs(obs: &ObsBatch, start: usize, rows: usize) -> Result<ObsBatch>
 /// One micro-batch's TD columns.
 struct MicroTd<'d> {
     actions: Vec<u32>,
-    targets: Vec<f32>,
+    targets: Vec<f64>,
     weights: Option<Vec<f32>>,
     kappa: f64,
     loss_scale: f64,
@@ -489,7 +499,7 @@ impl MicroTd<'_> {
         };
         let mut upstream = Vec::with_capacity(n);
         for (i, &q) in qv.iter().enumerate() {
-            let d = f64::from(q) - f64::from(self.targets[i]);
+            let d = f64::from(q) - self.targets[i];
             let w = self.weights.as_ref().map_or(1.0, |w| f64::from(w[i]));
             let ad = d.abs();
             let h = if ad <= k {

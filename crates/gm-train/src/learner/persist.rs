@@ -9,7 +9,7 @@
 //! | `target.safetensors` | the target network |
 //! | `optimizer.safetensors` | AdamW moments: `m/<variable>` and `v/<variable>` (variables that never had a gradient have none) |
 //! | `replay.gmr` | the prioritized buffer with its priorities and β position (gm-buffers `save`) |
-//! | `manifest.json` | format and version, step counters, AdamW's step, RNG states (seed, stream, word position), the synchronous actor's episode-round actions, the config and data fingerprints, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//! | `manifest.json` | format and version, step counters, AdamW's step, RNG states (seed, stream, word position), the live batch size, the f16 loss scaler's state, the synchronous actor's episode-round actions, the config (the update's techniques included) and data fingerprints, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
 //!
 //! # Crash safety
 //! Everything is written into a fresh sibling directory
@@ -35,6 +35,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::grads::Grads;
 use crate::optim::AdamW;
+use crate::precision::{LossScaler, Precision};
+use crate::step::StepConfig;
 use crate::{Error, Result};
 
 /// The manifest's format name.
@@ -116,6 +118,42 @@ pub(crate) struct Fingerprint {
     pub data_bars: usize,
     /// CRC-32 of the data's closes (little-endian f64).
     pub data_crc32: u32,
+    /// The update's techniques that change its numbers; absent for the
+    /// default (plain f32, whole batch, dropout on), so checkpoints written
+    /// before the step was configurable still match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepFingerprint>,
+}
+
+/// The parts of a [`StepConfig`] that change an update's numbers: the
+/// precision (and with it the loss scaler), micro-batches (summation order
+/// and dropout masks), checkpoint segments (recomputation order) and
+/// dropout. The Huber threshold and clip are the learner's own fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StepFingerprint {
+    pub precision: Precision,
+    pub micro_batch: Option<usize>,
+    pub checkpoint_segments: Option<usize>,
+    pub dropout: bool,
+}
+
+impl StepFingerprint {
+    /// `None` for the default step.
+    pub(crate) fn of(step: &StepConfig) -> Option<Self> {
+        let f = Self {
+            precision: step.precision,
+            micro_batch: step.micro_batch,
+            checkpoint_segments: step.checkpoint.map(|c| c.segments),
+            dropout: step.dropout,
+        };
+        let plain = Self {
+            precision: Precision::F32,
+            micro_batch: None,
+            checkpoint_segments: None,
+            dropout: true,
+        };
+        (f != plain).then_some(f)
+    }
 }
 
 /// A file of the checkpoint.
@@ -137,6 +175,13 @@ pub(crate) struct Body {
     pub episodes: u64,
     pub optimizer_step: u64,
     pub learner_rng: RngState,
+    /// The live batch size (absent in checkpoints written before it could
+    /// change: the config's then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// The f16 loss scaler's state (absent for f32/bf16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
     pub actor: Option<ActorState>,
     pub fingerprint: Fingerprint,
     pub files: Vec<FileEntry>,
