@@ -89,7 +89,8 @@ pub struct Progress {
     pub total: u64,
     /// Mean loss over the window (`None` before the first update).
     pub loss: Option<f64>,
-    /// Mean return of the episodes that ended in the window.
+    /// Mean return of the episodes that ended in the latest window in
+    /// which any ended (`None` before the first episode ends).
     pub episode_return: Option<f64>,
     /// Resident memory now.
     pub rss_bytes: u64,
@@ -642,6 +643,10 @@ pub fn run(
     let t_train = Instant::now();
     let mut w = Window::default();
     let mut last_loss = None;
+    // Episodes end only every `episode_bars` steps: the progress line keeps
+    // showing the last window's mean return in between (metrics.jsonl keeps
+    // the per-window value, null when no episode ended).
+    let mut last_return = None;
     let mut interrupted = false;
     while learner.counters().step < total {
         if stop.load(Ordering::Relaxed) {
@@ -684,6 +689,9 @@ pub fn run(
             }
             let ret = (!w.returns.is_empty())
                 .then(|| w.returns.iter().sum::<f64>() / w.returns.len() as f64);
+            if ret.is_some() {
+                last_return = ret;
+            }
             let proc = ProcMemory::read();
             let rss = proc.rss_bytes.unwrap_or(0);
             let stats = learner.replay().stats();
@@ -716,7 +724,7 @@ pub fn run(
                 step,
                 total,
                 loss,
-                episode_return: ret,
+                episode_return: ret.or(last_return),
                 rss_bytes: rss,
                 limit_bytes: limit,
                 steps_per_sec: sps,
