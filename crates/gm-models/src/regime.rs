@@ -267,59 +267,11 @@ impl RegimeEmbedder {
         )?;
         let x = input_like(current, self.dtype, &self.device)?;
         let hist = input_like(history, self.dtype, &self.device)?;
-
-        // Attention over the regime dimensions.
-        let tokens = x
-            .unsqueeze(2)?
-            .broadcast_mul(&self.dim_value)?
-            .broadcast_add(&self.dim_embed)?; // [B, r, t]
-        let scores = self.dim_score.forward(&tokens.tanh()?)?; // [B, r, 1]
-        let attended = attention_pool(&tokens, &scores)?; // [B, t]
+        let (f, scores, transition) = self.trunk(&x, hist, ctx)?;
         let dim_weights = softmax(&scores, 1)?.squeeze(2)?;
-
-        // Transition detector.
-        let n = c.history_len;
-        let prev = hist.narrow(1, n - 1, 1)?.squeeze(1)?;
-        let d = x.sub(&prev)?;
-        let from_mean = x.sub(&hist.mean(1)?)?;
-        let steps = hist.narrow(1, 1, n - 1)?.sub(&hist.narrow(1, 0, n - 1)?)?;
-        let typical = norm_keepdim(&steps)?.mean(1)?; // [B, 1]
-        let feats = Tensor::cat(
-            &[
-                d.clone(),
-                norm_keepdim(&d)?,
-                norm_keepdim(&from_mean)?,
-                typical,
-            ],
-            1,
-        )?;
-        let s = self.transition[1].forward(&self.transition[0].forward(&feats)?.relu()?)?;
-        let transition = candle_nn::ops::sigmoid(&s)?; // [B, 1]
-
-        // LSTM over the history.
-        let mut seq = hist;
-        for (l, lstm) in self.lstm.iter().enumerate() {
-            if l > 0 {
-                seq = ctx.dropout(&seq, c.dropout)?;
-            }
-            seq = lstm.seq(&seq, false)?;
-        }
-        let last = seq.narrow(1, n - 1, 1)?.squeeze(1)?; // [B, hid]
-
-        // Fusion.
-        let gated = attended.broadcast_mul(&transition.affine(1.0, 1.0)?)?;
-        let f = Tensor::cat(&[gated, last], 1)?;
-        let f = self
-            .fusion_ln
-            .forward(&self.fusion_fc1.forward(&f)?)?
-            .gelu_erf()?;
-        let f = ctx.dropout(&f, c.dropout)?;
-        let f = self.fusion_fc2.forward(&f)?.gelu_erf()?;
+        let [mu, sigma] = self.head(&f, ctx)?;
         Ok(RegimeOutput {
-            embedding: Embedding {
-                mu: self.mu.forward(&f)?,
-                sigma: softplus(&self.sigma.forward(&f)?)?,
-            },
+            embedding: Embedding { mu, sigma },
             transition,
             dim_weights,
         })
@@ -423,6 +375,22 @@ impl RegimeEmbedder {
         let n = c.history_len;
         let hist = input_like(&x.narrow(1, 0, n)?, self.dtype, &self.device)?;
         let x = input_like(&x.narrow(1, n, 1)?.squeeze(1)?, self.dtype, &self.device)?;
+        Ok(self.trunk(&x, hist, ctx)?.0)
+    }
+
+    /// The dimension attention, the transition detector and the LSTM over
+    /// the history, fused into `(1 + s) · a ‖ h` `[B, token_dim +
+    /// lstm_hidden]`; also returns the dimension scores `[B, r, 1]` and the
+    /// transition score `s` `[B, 1]`. Shared by `forward_detailed` and
+    /// segment 0, so the two cannot drift apart.
+    fn trunk(
+        &self,
+        x: &Tensor,
+        hist: Tensor,
+        ctx: &mut ForwardCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cfg;
+        let n = c.history_len;
 
         let tokens = x
             .unsqueeze(2)?
@@ -458,7 +426,20 @@ impl RegimeEmbedder {
         let last = seq.narrow(1, n - 1, 1)?.squeeze(1)?; // [B, hid]
 
         let gated = attended.broadcast_mul(&transition.affine(1.0, 1.0)?)?;
-        Ok(Tensor::cat(&[gated, last], 1)?)
+        Ok((Tensor::cat(&[gated, last], 1)?, scores, transition))
+    }
+
+    /// The fusion MLP and both heads: fusion input → `[μ, σ]`. Shared by
+    /// `forward_detailed` and segment 1.
+    fn head(&self, f: &Tensor, ctx: &mut ForwardCtx) -> Result<[Tensor; 2]> {
+        let c = &self.cfg;
+        let f = self
+            .fusion_ln
+            .forward(&self.fusion_fc1.forward(f)?)?
+            .gelu_erf()?;
+        let f = ctx.dropout(&f, c.dropout)?;
+        let f = self.fusion_fc2.forward(&f)?.gelu_erf()?;
+        Ok([self.mu.forward(&f)?, softplus(&self.sigma.forward(&f)?)?])
     }
 
     /// Segment 1: the fusion input → `[μ, σ]`, each `[B, out_dim]`.
@@ -469,16 +450,7 @@ impl RegimeEmbedder {
             f,
             &[None, Some(c.token_dim + c.lstm_hidden)],
         )?;
-        let f = self
-            .fusion_ln
-            .forward(&self.fusion_fc1.forward(f)?)?
-            .gelu_erf()?;
-        let f = ctx.dropout(&f, c.dropout)?;
-        let f = self.fusion_fc2.forward(&f)?.gelu_erf()?;
-        Ok(vec![
-            self.mu.forward(&f)?,
-            softplus(&self.sigma.forward(&f)?)?,
-        ])
+        Ok(self.head(f, ctx)?.to_vec())
     }
 }
 
