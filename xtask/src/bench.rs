@@ -296,3 +296,33 @@ impl report::RunInfo {
         }
     }
 }
+
+/// The last line of `text` that parses as a JSON object: how every bench
+/// example hands its figures to xtask.
+pub(crate) fn parse_last_json(text: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    text.lines().rev().find_map(
+        |l| match serde_json::from_str::<serde_json::Value>(l.trim()) {
+            Ok(serde_json::Value::Object(m)) => Some(m),
+            _ => None,
+        },
+    )
+}
+
+/// Writes a bench's flat JSON and its markdown report, and prints the
+/// report with where both went.
+pub(crate) fn write_reports(
+    json_path: &Path,
+    md_path: &Path,
+    value: &serde_json::Value,
+    md: &str,
+) -> Result<()> {
+    std::fs::write(json_path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    println!(
+        "\n{md}\nwritten {} and {}",
+        json_path.display(),
+        md_path.display()
+    );
+    Ok(())
+}

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use super::{parse_last_json, write_reports};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
@@ -86,26 +87,9 @@ pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
         }
     }
     let value = Value::Object(flat);
-    std::fs::write(&json_path, serde_json::to_string_pretty(&value)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
     let md = render(&value, &commands);
-    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
-    println!(
-        "\n{md}\nwritten {} and {}",
-        json_path.display(),
-        md_path.display()
-    );
+    write_reports(&json_path, &md_path, &value, &md)?;
     Ok(())
-}
-
-/// The last line of `text` that parses as a JSON object.
-fn parse_last_json(text: &str) -> Option<Map<String, Value>> {
-    text.lines()
-        .rev()
-        .find_map(|l| match serde_json::from_str::<Value>(l.trim()) {
-            Ok(Value::Object(m)) => Some(m),
-            _ => None,
-        })
 }
 
 /// Markdown: the targets with PASS/MISS, then every key.

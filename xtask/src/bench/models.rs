@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Stdio;
 
+use super::{parse_last_json, write_reports};
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
@@ -84,15 +85,8 @@ pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
         }
     }
     let value = Value::Object(flat);
-    std::fs::write(&json_path, serde_json::to_string_pretty(&value)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
     let md = render(&value, &commands, &missing);
-    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
-    println!(
-        "\n{md}\nwritten {} and {}",
-        json_path.display(),
-        md_path.display()
-    );
+    write_reports(&json_path, &md_path, &value, &md)?;
     if !missing.is_empty() {
         bail!(
             "the report is incomplete: {} (what was measured is written)",
@@ -100,16 +94,6 @@ pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The last line of `text` that parses as a JSON object.
-fn parse_last_json(text: &str) -> Option<Map<String, Value>> {
-    text.lines()
-        .rev()
-        .find_map(|l| match serde_json::from_str::<Value>(l.trim()) {
-            Ok(Value::Object(m)) => Some(m),
-            _ => None,
-        })
 }
 
 /// A byte count in binary units (`812 B`, `17.0 KiB`, `2.37 MiB`,

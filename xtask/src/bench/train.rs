@@ -9,8 +9,9 @@
 use std::path::Path;
 use std::process::Stdio;
 
+use super::{parse_last_json, write_reports};
 use anyhow::{bail, Context, Result};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::report::RunInfo;
 use crate::{cargo, display_cmd};
@@ -77,26 +78,9 @@ pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
     info.notes
         .push(format!("example wall time {:.0?}", start.elapsed()));
     let value = Value::Object(obj);
-    std::fs::write(&json_path, serde_json::to_string_pretty(&value)?)
-        .with_context(|| format!("writing {}", json_path.display()))?;
     let md = render(&value, &info);
-    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
-    println!(
-        "\n{md}\nwritten {} and {}",
-        json_path.display(),
-        md_path.display()
-    );
+    write_reports(&json_path, &md_path, &value, &md)?;
     Ok(())
-}
-
-/// The last line of `text` that parses as a JSON object.
-fn parse_last_json(text: &str) -> Option<Map<String, Value>> {
-    text.lines()
-        .rev()
-        .find_map(|l| match serde_json::from_str::<Value>(l.trim()) {
-            Ok(Value::Object(m)) => Some(m),
-            _ => None,
-        })
 }
 
 /// Bytes in MiB with one decimal (`-` when absent).
