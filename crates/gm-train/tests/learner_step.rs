@@ -10,83 +10,25 @@
 //! Same small run as `tests/resume.rs`: tiny agent without dropout, 2
 //! environments, 24-bar episodes, batch 8, updates from step 8 on.
 
-use std::sync::{Arc, OnceLock};
+mod common;
+use common::{config as base_config, data, tensor_values, var_bits, var_values};
 
 use candle_core::Tensor;
-use candle_nn::VarMap;
-use gm_buffers::{BufferConfig, StorageMode};
-use gm_market::{EnvConfig, GeneratorConfig, MarketData, PipelineConfig};
 use gm_train::{
     CheckpointConfig, Error, Learner, LearnerConfig, Precision, StepConfig, StepReport,
 };
 
-fn data() -> Arc<MarketData> {
-    static DATA: OnceLock<Arc<MarketData>> = OnceLock::new();
-    DATA.get_or_init(|| {
-        Arc::new(
-            MarketData::synthetic(
-                GeneratorConfig {
-                    seed: 11,
-                    ..GeneratorConfig::default()
-                },
-                2_000,
-                PipelineConfig::default(),
-            )
-            .expect("synthetic market"),
-        )
-    })
-    .clone()
-}
-
 fn config(step: StepConfig) -> LearnerConfig {
-    let mut c = LearnerConfig::small();
-    c.seed = 5;
-    c.num_envs = 2;
-    c.env = EnvConfig {
-        episode_bars: 24,
-        ..EnvConfig::default()
-    };
-    c.batch_size = 8;
-    c.learning_starts_transitions = 16;
-    c.replay_segment_steps = 8;
-    c.replay = BufferConfig {
-        capacity: 1_000,
-        storage: StorageMode::Memory,
-        ..BufferConfig::default()
-    };
-    c.epsilon.decay_transitions = 200;
-    c.target_update = gm_train::TargetUpdate::Hard { every_updates: 7 };
-    c.log_every_steps = 10;
+    let mut c = base_config();
     c.step = step;
     c
-}
-
-fn values(vm: &VarMap) -> Vec<(String, Vec<f32>)> {
-    let data = vm.data().lock().unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = data
-        .iter()
-        .map(|(n, v)| (n.clone(), flat(v.as_tensor())))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn bits(vm: &VarMap) -> Vec<(String, Vec<u32>)> {
-    values(vm)
-        .into_iter()
-        .map(|(n, v)| (n, v.into_iter().map(f32::to_bits).collect()))
-        .collect()
 }
 
 fn moments(m: &[Option<Tensor>]) -> Vec<Option<Vec<u32>>> {
     m.iter()
         .map(|t| {
             t.as_ref()
-                .map(|t| flat(t).into_iter().map(f32::to_bits).collect())
+                .map(|t| tensor_values(t).into_iter().map(f32::to_bits).collect())
         })
         .collect()
 }
@@ -109,8 +51,8 @@ fn state(l: &Learner) -> State {
     State {
         counters: l.counters(),
         batch_size: l.batch_size(),
-        online: bits(l.online_varmap()),
-        target: bits(l.target_varmap()),
+        online: var_bits(l.online_varmap()),
+        target: var_bits(l.target_varmap()),
         m: moments(&l.optimizer().m),
         v: moments(&l.optimizer().v),
         priorities: (0..l.config().replay.capacity)
@@ -148,7 +90,7 @@ fn run(cfg: LearnerConfig, steps: u64) -> anyhow::Result<(Learner, Vec<StepRepor
 fn checkpointing_with_micro_batches_trains_like_the_plain_update() -> anyhow::Result<()> {
     const STEPS: u64 = 30;
     let (plain, plain_reports) = run(config(StepConfig::default()), STEPS)?;
-    let init = values(Learner::new(config(StepConfig::default()), data())?.online_varmap());
+    let init = var_values(Learner::new(config(StepConfig::default()), data())?.online_varmap());
     let fancy_step = StepConfig {
         checkpoint: Some(CheckpointConfig {
             segments: 2,
@@ -170,7 +112,10 @@ fn checkpointing_with_micro_batches_trains_like_the_plain_update() -> anyhow::Re
     let plain_updates: Vec<_> = plain_reports.iter().filter_map(|r| r.update).collect();
     assert!(plain_updates.iter().all(|u| u.micro_batches == 1));
 
-    let (p, f) = (values(plain.online_varmap()), values(fancy.online_varmap()));
+    let (p, f) = (
+        var_values(plain.online_varmap()),
+        var_values(fancy.online_varmap()),
+    );
     let moved = max_rel_diff(&p, &init);
     let diff = max_rel_diff(&p, &f);
     assert!(moved > 1e-3, "the plain run moved the weights: {moved}");
@@ -191,7 +136,7 @@ fn a_bf16_run_trains() -> anyhow::Result<()> {
         precision: Precision::Bf16,
         ..StepConfig::default()
     };
-    let init = values(Learner::new(config(step), data())?.online_varmap());
+    let init = var_values(Learner::new(config(step), data())?.online_varmap());
     let (l, reports) = run(config(step), 24)?;
     let updates: Vec<_> = reports.iter().filter_map(|r| r.update).collect();
     assert!(updates.len() >= 10, "{} updates", updates.len());
@@ -201,7 +146,7 @@ fn a_bf16_run_trains() -> anyhow::Result<()> {
         assert_eq!(u.loss_scale, 1.0);
     }
     assert!(l.train_step().precision.scaler.is_none());
-    let moved = max_rel_diff(&values(l.online_varmap()), &init);
+    let moved = max_rel_diff(&var_values(l.online_varmap()), &init);
     assert!(moved > 1e-3, "bf16 updates moved the weights: {moved}");
     Ok(())
 }

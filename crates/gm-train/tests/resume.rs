@@ -12,14 +12,15 @@
 //! episode round and of an n-step segment, so the resume has to rebuild the
 //! environments and the n-step tracks, not just reload tensors.
 
+mod common;
+use common::{config, data, tensor_bits, var_bits};
+
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::Tensor;
-use candle_nn::VarMap;
-use gm_buffers::{BufferConfig, StorageMode};
-use gm_market::{EnvConfig, GeneratorConfig, MarketData, PipelineConfig};
-use gm_train::{ActorMode, Error, Learner, LearnerConfig, LearnerCounters};
+use gm_market::{GeneratorConfig, MarketData, PipelineConfig};
+use gm_train::{ActorMode, Error, Learner, LearnerCounters};
 
 /// Steps before the save (episode round 1, 6 steps in; 22 env steps past
 /// the last 8-step segment boundary of round 1).
@@ -27,69 +28,8 @@ const N: u64 = 30;
 /// Steps after it (crosses the end of round 1 at step 48).
 const M: u64 = 20;
 
-fn data() -> Arc<MarketData> {
-    static DATA: OnceLock<Arc<MarketData>> = OnceLock::new();
-    DATA.get_or_init(|| {
-        Arc::new(
-            MarketData::synthetic(
-                GeneratorConfig {
-                    seed: 11,
-                    ..GeneratorConfig::default()
-                },
-                2_000,
-                PipelineConfig::default(),
-            )
-            .expect("synthetic market"),
-        )
-    })
-    .clone()
-}
-
-fn config() -> LearnerConfig {
-    let mut c = LearnerConfig::small();
-    c.seed = 5;
-    c.num_envs = 2;
-    c.env = EnvConfig {
-        episode_bars: 24,
-        ..EnvConfig::default()
-    };
-    c.batch_size = 8;
-    c.learning_starts_transitions = 16;
-    c.replay_segment_steps = 8;
-    c.replay = BufferConfig {
-        capacity: 1_000,
-        storage: StorageMode::Memory,
-        ..BufferConfig::default()
-    };
-    c.epsilon.decay_transitions = 200;
-    c.target_update = gm_train::TargetUpdate::Hard { every_updates: 7 };
-    c.log_every_steps = 10;
-    c
-}
-
-/// Every variable of `vm` as `(name, bits)`, sorted by name.
-fn var_bits(vm: &VarMap) -> Vec<(String, Vec<u32>)> {
-    let data = vm.data().lock().unwrap();
-    let mut out: Vec<(String, Vec<u32>)> = data
-        .iter()
-        .map(|(n, v)| (n.clone(), bits(v.as_tensor())))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
-}
-
 fn moment_bits(m: &[Option<Tensor>]) -> Vec<Option<Vec<u32>>> {
-    m.iter().map(|t| t.as_ref().map(bits)).collect()
+    m.iter().map(|t| t.as_ref().map(tensor_bits)).collect()
 }
 
 /// Everything a learner's future depends on that the API shows.
