@@ -1,8 +1,23 @@
 //! The collectives trait every backend implements, and [`Op`], the name of
 //! a collective in errors.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::fmt;
+use std::time::Duration;
+
+/// Shortest allowed collective timeout.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// Longest allowed collective timeout.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+
+/// Checks a backend's collective timeout: 1 ms ..= 7 days.
+pub(crate) fn validate_timeout(timeout: Duration) -> Result<()> {
+    if (MIN_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
+        Ok(())
+    } else {
+        Err(Error::config("timeout", timeout, "1 ms ..= 7 days"))
+    }
+}
 
 /// A collective operation, as named in errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,16 +58,21 @@ impl fmt::Display for Op {
 /// - [`Error::LengthMismatch`](crate::Error::LengthMismatch),
 ///   [`Error::ArgumentMismatch`](crate::Error::ArgumentMismatch),
 ///   [`Error::OpMismatch`](crate::Error::OpMismatch),
-///   [`Error::InvalidRoot`](crate::Error::InvalidRoot): bad arguments on
-///   some rank; every rank gets the same error and the group stays usable;
+///   [`Error::InvalidRoot`](crate::Error::InvalidRoot),
+///   [`Error::TooLarge`](crate::Error::TooLarge): bad arguments on some
+///   rank; every rank gets the same error and the group stays usable;
 /// - [`Error::Timeout`](crate::Error::Timeout),
-///   [`Error::PeerLeft`](crate::Error::PeerLeft): a peer did not arrive in
-///   time or is gone; the group is broken and later calls fail with
-///   [`Error::Aborted`](crate::Error::Aborted). No call waits longer than
-///   the backend's timeout.
+///   [`Error::PeerLeft`](crate::Error::PeerLeft),
+///   [`Error::Backend`](crate::Error::Backend): a peer did not arrive in
+///   time, is gone, or the transport failed; the group is broken and later
+///   calls fail with [`Error::Aborted`](crate::Error::Aborted). No call
+///   waits longer than the backend's timeout (MPI's and NCCL's own
+///   initialization and NCCL's first connection to a peer excepted: see
+///   those backends).
 ///
-/// Sums are computed in rank order (rank 0 + rank 1 + …) by the backends of
-/// this crate, so every rank gets bit-identical results.
+/// Sums are computed in rank order (rank 0 + rank 1 + …) by the in-process
+/// and MPI backends, so every rank gets bit-identical results, equal to a
+/// sequential sum; the NCCL backend's equal them within float rounding.
 pub trait Communicator {
     /// This rank, in `0..world()`.
     fn rank(&self) -> usize;

@@ -138,8 +138,9 @@ pub enum Error {
         world: usize,
     },
     /// Peers did not arrive within the timeout. The group is broken from
-    /// now on: every later collective on every rank fails with
-    /// [`Error::Aborted`].
+    /// now on: every later collective on this rank fails with
+    /// [`Error::Aborted`] (in-process: on every rank; across processes the
+    /// other ranks time out in turn, or the job ends when this one exits).
     #[error(
         "{op} (collective #{seq}) on rank {rank} timed out after {timeout:?} \
          waiting for ranks {missing:?}"
@@ -153,7 +154,10 @@ pub enum Error {
         rank: usize,
         /// The configured timeout.
         timeout: Duration,
-        /// The ranks that had not arrived.
+        /// The ranks that had not arrived. Exact for the in-process backend
+        /// and for MPI's header exchange (the usual place to wait for a late
+        /// rank); every other rank where the backend cannot tell (an MPI
+        /// data transfer that stalls after every rank arrived; NCCL).
         missing: Vec<usize>,
     },
     /// A peer left the group (its communicator was dropped, e.g. its thread
@@ -179,6 +183,48 @@ pub enum Error {
         rank: usize,
         /// The failure that broke the group, in words.
         cause: String,
+    },
+    /// A backend cannot be used in this process: its library or driver is
+    /// missing, MPI was already initialized, no such device, … Nothing was
+    /// started; nothing is broken.
+    #[error("the {backend} backend is unavailable: {reason}")]
+    Unavailable {
+        /// `"mpi"` or `"nccl"`.
+        backend: &'static str,
+        /// What is missing or wrong, in words.
+        reason: String,
+    },
+    /// A call into the backend's library failed (an MPI or NCCL error
+    /// code, or a CUDA error). The group is broken: later calls fail with
+    /// [`Error::Aborted`].
+    #[error("{op} (collective #{seq}) on rank {rank}: {backend} failed: {reason}")]
+    Backend {
+        /// `"mpi"` or `"nccl"`.
+        backend: &'static str,
+        /// The collective.
+        op: Op,
+        /// The collective's sequence number.
+        seq: u64,
+        /// The rank that saw the failure.
+        rank: usize,
+        /// The library's error, printed.
+        reason: String,
+    },
+    /// A buffer is larger than one call of the backend can move (MPI counts
+    /// and offsets are 32-bit). Every rank returns this same error and the
+    /// group stays usable; split the buffer.
+    #[error("{op}: {what} of {elements} elements exceeds the {backend} limit of {max} per call")]
+    TooLarge {
+        /// `"mpi"`.
+        backend: &'static str,
+        /// The collective.
+        op: Op,
+        /// Which buffer.
+        what: &'static str,
+        /// Its element count.
+        elements: usize,
+        /// The most elements allowed.
+        max: usize,
     },
     /// A rank's thread could not be started.
     #[error("could not start the thread of rank {rank}: {reason}")]

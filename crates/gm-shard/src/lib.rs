@@ -16,28 +16,60 @@
 //!   next to measurements.
 //! - [`Communicator`]: the collectives trait (all-reduce, reduce-scatter,
 //!   all-gather, broadcast, barrier, gather of statistics to rank 0), every
-//!   call bounded by a timeout.
-//! - [`ThreadGroup`] / [`ThreadComm`]: the in-process backend, ranks as
-//!   threads of one process.
+//!   call bounded by a timeout. Three backends:
+//!   - [`ThreadGroup`] / [`ThreadComm`]: ranks as threads of one process;
+//!   - `MpiComm` (feature `mpi`): one rank per process of an `mpirun` job,
+//!     over `MPI_COMM_WORLD`, with `launched_by_mpirun` and
+//!     `mpirun_command` (the one way tests, benches and docs launch jobs:
+//!     `mpirun -n N [--allow-run-as-root] --oversubscribe PROGRAM`);
+//!   - `NcclComm` (feature `cuda`): one rank per CUDA device through
+//!     cudarc's NCCL, several devices in one process or, with `mpi` too,
+//!     one per MPI process (`NcclComm::from_mpi`).
 //!
 //! # Invariants
 //! - Plans are deterministic: the same tensors (in any order) and config
 //!   give an equal plan with an equal [`ShardPlan::fingerprint`], so every
 //!   rank computes the same plan; plans round-trip through serde.
-//! - The backends here sum in rank order, so every rank gets bit-identical
-//!   reduction results.
+//! - Sums: the in-process and MPI backends sum in rank order
+//!   (`((r0 + r1) + r2) + …`, each element summed once by one rank and
+//!   copied), so every rank gets bit-identical results, equal to the
+//!   sequential reference and to each other. MPI's own reductions are never
+//!   used (their order is implementation-defined): MPI sums are an
+//!   all-to-all, a local rank-order sum and an all-gather. NCCL sums in its
+//!   own order: equal to the others within float rounding, not bit for
+//!   bit.
+//! - Argument errors ([`Error::LengthMismatch`] and friends) are returned
+//!   identically on every rank of every backend (the process-spanning
+//!   backends exchange a small header first and run the in-process
+//!   backend's checks on it) and leave the group usable.
 //! - No collective waits forever: a peer that is missing past the timeout
-//!   gives [`Error::Timeout`], one that has left gives [`Error::PeerLeft`],
-//!   and either breaks the group (later calls: [`Error::Aborted`]).
-//!   Argument errors ([`Error::LengthMismatch`] and friends) are returned
-//!   identically on every rank and leave the group usable.
+//!   gives [`Error::Timeout`], one that has left gives [`Error::PeerLeft`]
+//!   (in-process) or a failed job (MPI: `mpirun` ends the job when a rank
+//!   dies), a library failure gives [`Error::Backend`]; each breaks the
+//!   group (later calls: [`Error::Aborted`]). What a timeout leaves behind
+//!   on MPI and NCCL: the call's buffers are leaked on purpose (the library
+//!   may still write them: collectives cannot be cancelled), an NCCL
+//!   communicator is aborted, and a broken `MpiComm` does not finalize MPI
+//!   when dropped (finalizing waits for the missing rank); the process
+//!   should exit, and `mpirun` then ends the job. Not bounded by the
+//!   timeout: MPI's and NCCL's initialization.
+//! - A backend that cannot run here (MPI already initialized in the
+//!   process, no CUDA driver, no NCCL library, no such device) is an
+//!   [`Error::Unavailable`], never a panic: cudarc is only called after
+//!   checking that its libraries load. Nothing here panics on bad input or
+//!   a failed peer.
 //! - No threads of its own: [`ThreadGroup::run`] uses scoped threads that
 //!   are joined before it returns.
 //! - Tier 1: depends on gm-core only — never on gm-buffers, gm-leak,
 //!   gm-monitor, gm-gc or gm-market. The sharded trainer lives in gm-train.
 
+mod check;
 mod comm;
 mod error;
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -46,6 +78,10 @@ mod zero;
 
 pub use comm::{Communicator, Op};
 pub use error::{Error, Result};
+#[cfg(feature = "mpi")]
+pub use mpi::{launched_by_mpirun, mpirun_command, MpiComm};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 pub use plan::{plan, Piece, PlanConfig, Shard, ShardPlan, TensorSpec, MAX_RANKS};
 pub use thread::{ThreadComm, ThreadGroup};
 pub use zero::{zero_memory, AdamPrecision, ZeroMemory, ZeroStage};

@@ -3,7 +3,7 @@
 //! single-machine runs; shared state behind a mutex and a condition
 //! variable, every wait bounded by the group's timeout.
 
-use crate::comm::{Communicator, Op};
+use crate::comm::{validate_timeout, Communicator, Op};
 use crate::error::{Error, Result};
 use crate::plan::MAX_RANKS;
 use parking_lot::{Condvar, Mutex};
@@ -11,11 +11,6 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Shortest allowed timeout.
-const MIN_TIMEOUT: Duration = Duration::from_millis(1);
-/// Longest allowed timeout.
-const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
 
 /// A group of `world` in-process ranks. Build it, take the communicators
 /// with [`ThreadGroup::into_comms`] and move one to each thread, or let
@@ -33,9 +28,7 @@ impl ThreadGroup {
         if world == 0 || world > MAX_RANKS {
             return Err(Error::config("world", world, format!("1 ..= {MAX_RANKS}")));
         }
-        if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
-            return Err(Error::config("timeout", timeout, "1 ms ..= 7 days"));
-        }
+        validate_timeout(timeout)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rounds: HashMap::new(),
