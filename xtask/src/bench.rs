@@ -15,6 +15,7 @@ mod models;
 mod peers;
 mod regen;
 mod report;
+mod shard;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "train",
         "one GrandModel training step: peak and time with each memory technique, budget batch, replay bytes -> target/bench/train.md",
         "[--batch N] [--micro N] [--segments N] [--reps N] [--budget-mib N] [--replay N] [--skip-budget] [--skip-replay]",
+    ),
+    (
+        "shard",
+        "ZeRO data parallelism under mpirun: optimizer state per rank, time in collectives, parity -> target/bench/shard.md",
+        "[--ranks 1,2,4] [--agent full|small] [--batch N] [--steps N] [--stage 1|2]",
     ),
 ];
 
@@ -106,6 +112,7 @@ fn run_area(area: &str, args: &[String]) -> Result<()> {
         "memory" => memory::run(args, &dir),
         "models" => models::run(args, &dir),
         "train" => train::run(args, &dir),
+        "shard" => shard::run(args, &dir),
         other => bail!("no runner for bench `{other}`"),
     };
     if dir.join(format!("{area}.json")).exists() {

@@ -46,6 +46,62 @@ const STEPS: &[Step] = &[
     ),
     ("test", &["test", "--workspace"], &[]),
     (
+        "clippy (gm-shard mpi + cuda)",
+        &[
+            "clippy",
+            "-p",
+            "gm-shard",
+            "--all-targets",
+            "--features",
+            "mpi,cuda",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    ),
+    (
+        "clippy (gm-train mpi)",
+        &[
+            "clippy",
+            "-p",
+            "gm-train",
+            "--all-targets",
+            "--features",
+            "mpi",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    ),
+    (
+        "test (MPI collectives, 2 and 4 ranks)",
+        &[
+            "test",
+            "-p",
+            "gm-shard",
+            "--features",
+            "mpi",
+            "--test",
+            "mpi",
+        ],
+        &[],
+    ),
+    (
+        "test (ZeRO over MPI, 2 and 4 ranks)",
+        &[
+            "test",
+            "-p",
+            "gm-train",
+            "--features",
+            "mpi",
+            "--test",
+            "zero_mpi",
+        ],
+        &[],
+    ),
+    (
         "doc",
         &["doc", "--workspace", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
@@ -73,6 +129,6 @@ pub(crate) fn run() -> Result<()> {
 
 fn print_summary(done: &[(&str, Duration)]) {
     for (name, took) in done {
-        println!("  ok  {name:<8} {took:.1?}");
+        println!("  ok  {name:<38} {took:.1?}");
     }
 }

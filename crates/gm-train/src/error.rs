@@ -16,6 +16,9 @@ pub enum Error {
     /// A replay-buffer error.
     #[error(transparent)]
     Buffer(#[from] gm_buffers::Error),
+    /// A collective or shard-plan error (data-parallel training).
+    #[error(transparent)]
+    Shard(#[from] gm_shard::Error),
     /// A market/environment error.
     #[error(transparent)]
     Market(#[from] gm_market::Error),
@@ -49,12 +52,41 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A device ran out of memory in a training step (on a GPU: candle's
+    /// `CUDA_ERROR_OUT_OF_MEMORY`). [`TrainStep::step`](crate::TrainStep::step)
+    /// catches it, halves the micro-batch and retries the same batch; it
+    /// reaches the caller only when a micro-batch of one row does not fit.
+    #[error(
+        "out of memory on {device} in a training step at {rows} rows per micro-batch: {detail}"
+    )]
+    OutOfMemory {
+        /// The device (`cpu`, `cuda:0`, ...).
+        device: String,
+        /// Rows per micro-batch when it failed.
+        rows: usize,
+        /// The underlying error, printed.
+        detail: String,
+    },
     /// A background thread stopped.
     #[error("background thread stopped: {0}")]
     Stopped(String),
 }
 
 impl Error {
+    /// Whether this error is a device running out of memory: an
+    /// [`Error::OutOfMemory`], or a candle/model error whose text carries
+    /// the CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY` (candle wraps cudarc's
+    /// errors as boxed text, so the code is recognised by name).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Error::OutOfMemory { .. } => true,
+            Error::Candle(_) | Error::Model(_) => {
+                self.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY")
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn config(
         key: &'static str,
         value: impl std::fmt::Display,

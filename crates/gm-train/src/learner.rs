@@ -80,7 +80,7 @@
 //! | `target.safetensors` | the target network |
 //! | `optimizer.safetensors` | AdamW moments: `m/<variable>` and `v/<variable>` (variables that never had a gradient have none) |
 //! | `replay.gmr` | the prioritized buffer with its priorities and β position (gm-buffers `save`) |
-//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), the live batch size, the f16 loss scaler's state, fingerprints of the config (the step's techniques included) and data, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), the live batch size, the f16 loss scaler's state, fingerprints of the config (the step's techniques included) and data, in data-parallel mode `world` and `rank`, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
 //!
 //! Everything is written into a fresh sibling directory
 //! (`.<name>.tmp-<pid>-<nanos>`), every file and then the directory are
@@ -91,11 +91,103 @@
 //! [`Learner::resume`] checks the manifest's checksum, format and version
 //! and every file's size and CRC before it reads anything: a missing,
 //! truncated or corrupted checkpoint is an [`Error::Checkpoint`].
+//!
+//! # Data parallel
+//! [`Learner::new_data_parallel`] and [`Learner::resume_data_parallel`]
+//! make the learner one rank of a group of `N` ([`DataParallel`]: a
+//! gm-shard [`Communicator`](gm_shard::Communicator) and a [`ZeroConfig`](crate::ZeroConfig));
+//! synchronous actors only. Every rank holds the whole online and target
+//! networks and its own environments, actor, replay buffer and sampling
+//! RNG, seeded with its rank mixed in (rank 0 with the config's seed, so
+//! a group of one is the single-process run). The live batch `B` is
+//! global (at least `N`): rank `r` samples `b_r = ⌊B/N⌋` rows (one more
+//! for `r < B mod N`) from its own buffer, computes the gradient of its
+//! local mean loss ([`TrainStep::grads_retrying`], with the step's
+//! techniques) and hands it to [`ZeroOptimizer::step`] with weight
+//! `b_r / B`, so the ranks apply the gradient of the mean loss over all
+//! `B` rows: reduced, skipped on every rank when not finite (the f16 loss
+//! scaler then backs off on every rank alike), clipped to the global
+//! norm, AdamW on each rank's shards of the optimizer state (ZeRO-1 or
+//! ZeRO-2), parameters all-gathered. The target network follows as in a
+//! single process; new priorities are the rank's own `|δ|`. In
+//! [`UpdateStats`], `loss`, `td_error`, `q_mean` and `batch` are this
+//! rank's rows, `grad_norm` and `stepped` the group's.
+//!
+//! **Collectives.** Construction: one `all_gather` of 5 floats (every
+//! rank built its part, with the same config and start step, or all
+//! fail), then [`ZeroOptimizer::new`]'s (a plan fingerprint, a broadcast
+//! of rank 0's weights). Every step: one `all_gather` of 6 floats after
+//! the environment steps (the agreement below), then, when updating, the
+//! ZeRO step's (gradient all-reduce or reduce-scatter, a small
+//! all-reduce, the parameter all-gather). [`Learner::save_checkpoint`],
+//! [`Learner::gather_rank_stats`] and [`Learner::rebalance`] are
+//! collective too. Every rank must make the same calls in the same order.
+//!
+//! **Lock-step agreement.** Each step every rank sends its step counter,
+//! whether its buffer holds `learning_starts_transitions`, whether a stop
+//! was requested ([`Learner::request_stop`]) and the batch it proposes.
+//! The group updates only when every rank is ready, every rank reports
+//! [`StepReport::stop`] at the same step when any asked, and the batch is
+//! the smallest proposed: [`Learner::set_batch_size`] on one rank (a
+//! memory-pressure reaction) applies to all at the same update (growing
+//! back takes every rank proposing it). Ranks at different step counts
+//! are an error. A rank that leaves or stalls past the communicator's
+//! timeout makes the others' next collective fail with [`Error::Shard`]
+//! ([`gm_shard::Error::PeerLeft`] / [`gm_shard::Error::Timeout`], later
+//! [`gm_shard::Error::Aborted`]) instead of hanging; the group is then
+//! broken: restart from the last checkpoint. Only rank 0 emits the
+//! `"learner progress"` event (with its own figures); other ranks'
+//! records reach rank 0 through [`Learner::gather_rank_stats`].
+//!
+//! **Checkpoints.** [`ZeroOptimizer::gather_state`] collects the full
+//! optimizer state on rank 0, which writes the directory above — the same
+//! files and format a single process writes, with `world` and `rank: 0`
+//! in the manifest. Once it is renamed into place (a broadcast tells the
+//! others), each rank `r > 0` writes its replay, RNG and actor state into
+//! `dir/rank-<r>/` with the same crash-safe protocol; a final all-reduce
+//! makes every rank return an error when any write failed.
+//!
+//! | path | written by | holds |
+//! |---|---|---|
+//! | `dir/` | rank 0 | the table above: weights, target, the full optimizer state, rank 0's replay, RNG and actor |
+//! | `dir/rank-<r>/` | rank `r > 0` | `replay.gmr` and a `manifest.json` of the same format (its counters, RNG and actor state, `rank`, `world`) |
+//!
+//! Replacing a checkpoint removes the old rank directories with it; a
+//! crash after rank 0's rename leaves a complete main directory with some
+//! rank directories missing, never a mix of two checkpoints.
+//!
+//! **Resume** with any number of ranks: every rank loads the weights, the
+//! target and the full optimizer state from `dir` and keeps its shards
+//! ([`ZeroOptimizer::load_state`]); rank 0 restores `dir`'s replay and
+//! actor, rank `r > 0` `dir/rank-<r>` when it holds rank `r`'s state of
+//! the same step (whatever world size wrote it). A rank without it (a
+//! larger group, a missing or damaged directory) starts with an empty
+//! buffer and new episodes, seeded with its rank and the resumed step, and
+//! logs a warning; the group updates again once its buffer holds
+//! `learning_starts_transitions`. [`Learner::resume`] resumes a
+//! data-parallel checkpoint as a single process (rank 0's experience).
+//!
+//! **Exactness.** Bit-exact: the ranks' weights after every update (the
+//! collectives sum in rank order, so the reduced gradient, its norm and
+//! the gathered parameters are the same bits everywhere), and a group
+//! resumed with the same number of ranks and all rank directories present
+//! continues exactly as the uninterrupted run (`tests/learner_dp.rs`). Not
+//! bit-exact: a group of one against the single-process learner (the same
+//! samples; the ZeRO step sums and scales in another order: within
+//! 1e-5); `N` ranks against one process with batch `B` (each rank has its
+//! own environments and buffer, and its own ε position: the schedule runs
+//! on each rank's transition count); a resume with another world size or a
+//! missing rank directory (those ranks start new episodes), or with a
+//! different stage or shard size (the same state, another summation
+//! order).
 
 pub mod actors;
+mod parallel;
 mod persist;
 pub mod policy;
 pub mod replay;
+
+pub use self::parallel::DataParallel;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -123,7 +215,8 @@ use self::replay::{names, replay_schema, NStep};
 use crate::agent::{AgentConfig, AgentNet, ObsBatch};
 use crate::grads::Grads;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::step::{StepConfig, TdBatch, TrainStep};
+use crate::step::{StepConfig, StepOutcome, TdBatch, TrainStep};
+use crate::zero::ZeroOptimizer;
 use crate::{Error, Result};
 
 /// How the target network follows the online one.
@@ -502,6 +595,29 @@ impl LearnerConfig {
         b
     }
 
+    /// CRC-32 of everything data-parallel ranks must agree on: the
+    /// checkpoint fingerprint and every value that changes an update or
+    /// the pace of the lock-step (paths and storage may differ by rank).
+    fn group_crc32(&self, data: &MarketData) -> u32 {
+        let text = format!(
+            "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}|{}|{}|{}",
+            self.fingerprint(data),
+            self.optimizer,
+            self.step,
+            self.target_update,
+            self.epsilon,
+            self.per,
+            self.batch_size,
+            self.learning_starts_transitions,
+            self.vec_env_steps_per_update,
+            self.max_grad_norm,
+            self.huber_delta,
+            self.replay.capacity,
+            self.terminal_at_episode_end,
+        );
+        crc32fast::hash(text.as_bytes())
+    }
+
     fn fingerprint(&self, data: &MarketData) -> Fingerprint {
         let mut h = crc32fast::Hasher::new();
         for b in data.bars() {
@@ -574,6 +690,11 @@ pub struct StepReport {
     pub buffer_len: usize,
     /// Unscaled returns of the episodes that ended during the step.
     pub episode_returns: Vec<f64>,
+    /// Whether a stop was requested ([`Learner::request_stop`]) before
+    /// this step: the step ran in full, and it is the last one the group
+    /// agreed on. In data-parallel mode it is true on every rank at the
+    /// same step when any rank asked; the caller saves and ends there.
+    pub stop: bool,
 }
 
 /// The networks, the optimizer and the configured training step.
@@ -582,8 +703,12 @@ struct Nets {
     online: AgentNet,
     target_vm: VarMap,
     target: AgentNet,
+    /// The optimizer; in data-parallel mode only its `step` is kept (the
+    /// moments are sharded in `zero`).
     opt: AdamW,
     step: TrainStep,
+    /// Data-parallel mode: the sharded optimizer and its communicator.
+    zero: Option<ZeroOptimizer>,
 }
 
 impl std::fmt::Debug for Nets {
@@ -592,6 +717,7 @@ impl std::fmt::Debug for Nets {
             .field("online", &self.online)
             .field("target", &self.target)
             .field("opt_step", &self.opt.step)
+            .field("zero", &self.zero)
             .finish_non_exhaustive()
     }
 }
@@ -620,19 +746,79 @@ impl Nets {
             target,
             opt,
             step,
+            zero: None,
         })
+    }
+
+    /// The networks, optimizer state and loss scaler of the checkpoint in
+    /// `dir` (whose manifest is `body`).
+    fn load(cfg: &LearnerConfig, dir: &Path, body: &Body, device: &Device) -> Result<Self> {
+        let mut nets = Nets::new(cfg, device)?;
+        gm_models::weights::load(&nets.online_vm, dir.join(persist::ONLINE))?;
+        gm_models::weights::load(&nets.target_vm, dir.join(persist::TARGET))?;
+        persist::load_optimizer(
+            &mut nets.opt,
+            &nets.online_vm,
+            &dir.join(persist::OPTIMIZER),
+        )?;
+        nets.opt.step = body.optimizer_step;
+        match (&mut nets.step.precision.scaler, &body.loss_scaler) {
+            (Some(s), Some(saved)) => *s = saved.clone(),
+            (None, None) => {}
+            (mine, saved) => {
+                return Err(persist::corrupt(
+                    dir,
+                    format!(
+                        "loss scaler state {}, the config's precision {:?} {}",
+                        if saved.is_some() { "present" } else { "absent" },
+                        cfg.step.precision,
+                        if mine.is_some() {
+                            "needs one"
+                        } else {
+                            "has none"
+                        },
+                    ),
+                ))
+            }
+        }
+        Ok(nets)
+    }
+
+    /// Switches to data-parallel mode: the sharded optimizer takes over
+    /// (collective: rank 0's weights are broadcast). Resuming (`resumed`),
+    /// it is loaded with the full state of `self.opt` (read from the
+    /// checkpoint) and the target network is kept; a new run's target
+    /// restarts from the broadcast weights.
+    fn shard(&mut self, cfg: &LearnerConfig, dp: DataParallel, resumed: bool) -> Result<()> {
+        let n = self.opt.m.len();
+        let full = std::mem::replace(&mut self.opt, AdamW::new(cfg.optimizer, n)?);
+        let mut zero = ZeroOptimizer::new(dp.comm, &self.online_vm, cfg.optimizer, dp.zero)?;
+        if resumed {
+            zero.load_state(&full)?;
+        } else {
+            copy_vars(&self.online_vm, &self.target_vm, None)?;
+        }
+        self.opt.step = zero.steps();
+        self.zero = Some(zero);
+        Ok(())
     }
 
     /// One Double-DQN update on `batch` through the configured
     /// [`TrainStep`]; returns the statistics and the new priorities `|δ|`
     /// (`None` when an f16 update was skipped and a TD error is not
-    /// finite: the sampled transitions keep their priorities).
+    /// finite: the sampled transitions keep their priorities). `seed` is
+    /// the rank's seed (the config's in a single process; it draws the
+    /// dropout masks). In data-parallel mode the gradient of this rank's
+    /// mean loss enters the sharded step with `weight` (its rows over the
+    /// global batch), which reduces, clips and applies it on all ranks.
     fn update(
         &mut self,
         cfg: &LearnerConfig,
         batch: &Batch,
         update_index: u64,
         device: &Device,
+        seed: u64,
+        weight: f64,
     ) -> Result<(UpdateStats, Option<Vec<f32>>)> {
         let b = batch.len();
         let obs = ObsBatch::from_parts(
@@ -691,10 +877,33 @@ impl Nets {
             targets: &y,
             weights: Some(weights),
         };
-        let seed = mix(cfg.seed ^ 0xD0_0D, update_index);
-        let out = self
-            .step
-            .step(&self.online, &self.online_vm, &mut self.opt, &td, seed)?;
+        let seed = mix(seed ^ 0xD0_0D, update_index);
+        let out = match &mut self.zero {
+            None => self
+                .step
+                .step(&self.online, &self.online_vm, &mut self.opt, &td, seed)?,
+            Some(zero) => {
+                // Local: an out-of-memory retry on one rank needs no peer.
+                let g = self
+                    .step
+                    .grads_retrying(&self.online, &self.online_vm, &td, seed)?;
+                let z = zero.step(&g.grads, weight, g.loss_scale, self.step.cfg.max_grad_norm)?;
+                // The same skip semantics as `TrainStep::apply`.
+                if let Some(s) = &mut self.step.precision.scaler {
+                    s.update(!z.stepped);
+                }
+                self.opt.step = zero.steps();
+                StepOutcome {
+                    loss: g.loss,
+                    td_abs: g.td_abs,
+                    q_mean: g.q_mean,
+                    grad_norm: z.grad_norm,
+                    stepped: z.stepped,
+                    micro_batches: g.micro_batches,
+                    loss_scale: g.loss_scale,
+                }
+            }
+        };
         if !out.stepped && self.step.precision.scaler.is_none() {
             return Err(Error::Stopped(format!(
                 "non-finite gradient norm {} at update {update_index}",
@@ -818,6 +1027,11 @@ pub struct Learner {
     batch_size: usize,
     window: Window,
     mode: Mode,
+    /// The seed of this rank's environments, exploration, sampling and
+    /// dropout (`cfg.seed` in a single process and on rank 0).
+    rank_seed: u64,
+    /// [`Learner::request_stop`] was called and not yet agreed on.
+    stop_requested: bool,
 }
 
 impl Learner {
@@ -827,13 +1041,38 @@ impl Learner {
         cfg.validate()?;
         let device = Device::Cpu;
         let nets = Nets::new(&cfg, &device)?;
+        let seed = cfg.seed;
+        Self::fresh(
+            cfg,
+            data,
+            device,
+            nets,
+            seed,
+            seed,
+            LearnerCounters::default(),
+        )
+    }
+
+    /// A learner whose networks are `nets`, with an empty buffer and new
+    /// actors and streams from `seed`, at `counters`; `rank_seed` draws
+    /// its dropout masks.
+    fn fresh(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        device: Device,
+        nets: Nets,
+        rank_seed: u64,
+        seed: u64,
+        counters: LearnerCounters,
+    ) -> Result<Self> {
         let buffer =
             PrioritizedReplayBuffer::new(replay_schema()?, cfg.buffer_config(), cfg.per.clone())?;
         let replay = SharedReplay::new(buffer);
-        let rng = ChaCha8Rng::seed_from_u64(mix(cfg.seed, 1));
-        let counters = LearnerCounters::default();
+        let rng = ChaCha8Rng::seed_from_u64(mix(seed, 1));
         let batch_size = cfg.batch_size;
-        let mode = Self::start_mode(&cfg, &data, &replay, &nets, counters, batch_size, None)?;
+        let mode = Self::start_mode(
+            &cfg, &data, &replay, &nets, counters, batch_size, seed, None,
+        )?;
         Ok(Self {
             cfg,
             device,
@@ -845,9 +1084,15 @@ impl Learner {
             batch_size,
             window: Window::default(),
             mode,
+            rank_seed,
+            stop_requested: false,
         })
     }
 
+    /// Synchronous mode: the actor restored from `sync_state`, or a new
+    /// one from `seed`. Threaded mode: actor threads seeded from the
+    /// config's seed and the transition counter.
+    #[allow(clippy::too_many_arguments)]
     fn start_mode(
         cfg: &LearnerConfig,
         data: &Arc<MarketData>,
@@ -855,6 +1100,7 @@ impl Learner {
         nets: &Nets,
         counters: LearnerCounters,
         batch_size: usize,
+        seed: u64,
         sync_state: Option<(&ActorState, &Path)>,
     ) -> Result<Mode> {
         let chunk = cfg.replay_segment_steps + cfg.n_step;
@@ -865,8 +1111,8 @@ impl Learner {
                         data.clone(),
                         cfg.env,
                         cfg.num_envs,
-                        mix(cfg.seed, 2),
-                        ChaCha8Rng::seed_from_u64(mix(cfg.seed, 3)),
+                        mix(seed, 2),
+                        ChaCha8Rng::seed_from_u64(mix(seed, 3)),
                         cfg.nstep(),
                         cfg.reward_scale,
                     )?,
@@ -975,8 +1221,22 @@ impl Learner {
     /// continues with it (bit-exactly in synchronous mode). In threaded
     /// mode the prefetcher is restarted with the new size (the batches it
     /// had ready are dropped).
+    ///
+    /// In data-parallel mode this is the global batch and it must be at
+    /// least the number of ranks; it is a proposal: the next step's
+    /// agreement makes the smallest batch any rank proposes every rank's
+    /// batch (so a shrink on one rank applies to all at the same update,
+    /// and growing takes every rank asking for it).
     pub fn set_batch_size(&mut self, batch: usize) -> Result<()> {
         self.cfg.check_batch_size("batch_size", batch)?;
+        let world = self.world();
+        if batch < world {
+            return Err(Error::config(
+                "batch_size",
+                batch,
+                format!("at least the number of data-parallel ranks ({world})"),
+            ));
+        }
         if batch == self.batch_size {
             return Ok(());
         }
@@ -1023,9 +1283,71 @@ impl Learner {
         &self.nets.target_vm
     }
 
-    /// The optimizer (its state is public).
+    /// The optimizer (its state is public). In data-parallel mode its
+    /// moments are sharded across the ranks ([`zero`](Self::zero);
+    /// [`ZeroOptimizer::gather_state`] collects them): this `AdamW` then
+    /// holds no moments, only the step count, which follows the sharded
+    /// optimizer's.
     pub fn optimizer(&self) -> &AdamW {
         &self.nets.opt
+    }
+
+    /// Bytes of optimizer state this process holds: the whole [`AdamW`]'s
+    /// in a single process, this rank's shards in data-parallel mode.
+    pub fn optimizer_state_bytes(&self) -> u64 {
+        match &self.nets.zero {
+            Some(z) => z.state_bytes(),
+            None => self.nets.opt.state_bytes() as u64,
+        }
+    }
+
+    /// This rank in data-parallel mode (0 in a single process).
+    pub fn rank(&self) -> usize {
+        self.nets.zero.as_ref().map_or(0, |z| z.rank())
+    }
+
+    /// The number of data-parallel ranks (1 in a single process).
+    pub fn world(&self) -> usize {
+        self.nets.zero.as_ref().map_or(1, |z| z.world())
+    }
+
+    /// The sharded optimizer in data-parallel mode (its plan, state and
+    /// gradient-buffer bytes, time in collectives, communicator).
+    pub fn zero(&self) -> Option<&ZeroOptimizer> {
+        self.nets.zero.as_ref()
+    }
+
+    /// Gathers every rank's `values` (the same length on every rank, e.g.
+    /// a memory-statistics record) to rank 0: `Some(per_rank)` there,
+    /// indexed by rank, `None` elsewhere. Collective in data-parallel mode
+    /// (every rank calls it at the same point of its step sequence); in a
+    /// single process `Some(vec![values])`.
+    pub fn gather_rank_stats(&self, values: &[u64]) -> Result<Option<Vec<Vec<u64>>>> {
+        match &self.nets.zero {
+            Some(z) => Ok(z.comm().gather_stats(values)?),
+            None => Ok(Some(vec![values.to_vec()])),
+        }
+    }
+
+    /// Re-plans which rank owns which optimizer shards for new per-rank
+    /// byte budgets (a rank that runs hot gets less), moving the state:
+    /// [`ZeroOptimizer::rebalance`]. Collective in data-parallel mode (call
+    /// it on every rank with the same budgets, e.g. right after a
+    /// checkpoint); returns whether the plan changed. In a single process
+    /// there is nothing to move: `Ok(false)`.
+    pub fn rebalance(&mut self, rank_budgets_bytes: Vec<u64>) -> Result<bool> {
+        match &mut self.nets.zero {
+            Some(z) => z.rebalance(rank_budgets_bytes),
+            None => Ok(false),
+        }
+    }
+
+    /// Asks to stop: the next [`step`](Self::step) runs in full and
+    /// reports [`StepReport::stop`]. In data-parallel mode one rank's
+    /// request is enough: every rank's next step reports it, so all stop
+    /// (and can checkpoint) at the same step.
+    pub fn request_stop(&mut self) {
+        self.stop_requested = true;
     }
 
     /// The replay buffer's concurrent handle.
@@ -1042,8 +1364,16 @@ impl Learner {
     /// `vec_env_steps_per_update` vectorised steps and then updates (once
     /// the buffer holds `learning_starts_transitions`); threaded mode waits
     /// for a prefetched batch and updates.
+    ///
+    /// In data-parallel mode the step is collective (every rank calls it
+    /// the same number of times): after the environment steps the ranks
+    /// agree on whether to update, whether to stop and the batch (module
+    /// docs), and the update is a sharded one. A rank that has left or
+    /// does not arrive within the communicator's timeout makes the others'
+    /// step fail with [`Error::Shard`].
     pub fn step(&mut self) -> Result<StepReport> {
         let mut ended = Vec::new();
+        let mut stop = std::mem::take(&mut self.stop_requested);
         let (update, epsilon) = match &mut self.mode {
             Mode::Sync(s) => {
                 let n = s.core.num_envs() as u64;
@@ -1056,14 +1386,32 @@ impl Learner {
                     self.counters.transitions += n;
                     ended.extend(e);
                 }
-                let update = if self.replay.len() >= self.cfg.learning_starts_transitions {
-                    self.replay
-                        .sample_into(&mut s.batch, self.batch_size, &mut self.rng)?;
+                let ready = self.replay.len() >= self.cfg.learning_starts_transitions;
+                let (ready, rows, weight) = match &self.nets.zero {
+                    None => (ready, self.batch_size, 1.0),
+                    Some(z) => {
+                        let a = parallel::agree(
+                            z.comm(),
+                            self.counters.step,
+                            ready,
+                            stop,
+                            self.batch_size,
+                        )?;
+                        stop = a.stop;
+                        self.batch_size = a.batch;
+                        let rows = parallel::rows(a.batch, z.world(), z.rank());
+                        (a.update, rows, rows as f64 / a.batch as f64)
+                    }
+                };
+                let update = if ready {
+                    self.replay.sample_into(&mut s.batch, rows, &mut self.rng)?;
                     let (stats, prio) = self.nets.update(
                         &self.cfg,
                         &s.batch,
                         self.counters.updates,
                         &self.device,
+                        self.rank_seed,
+                        weight,
                     )?;
                     if let Some(prio) = prio {
                         self.replay.update_priorities(s.batch.indices(), &prio)?;
@@ -1085,9 +1433,14 @@ impl Learner {
                         None => actors::drain(&t.episodes, &mut ended),
                     }
                 };
-                let (stats, prio) =
-                    self.nets
-                        .update(&self.cfg, &batch, self.counters.updates, &self.device)?;
+                let (stats, prio) = self.nets.update(
+                    &self.cfg,
+                    &batch,
+                    self.counters.updates,
+                    &self.device,
+                    self.rank_seed,
+                    1.0,
+                )?;
                 if let Some(prio) = prio {
                     update_priorities_lenient(&self.replay, batch.indices(), &prio)?;
                 }
@@ -1119,21 +1472,30 @@ impl Learner {
             epsilon,
             buffer_len: self.replay.len(),
             episode_returns: ended.iter().map(|e| e.pnl).collect(),
+            stop,
         };
         self.log(&report);
         Ok(report)
     }
 
-    /// Runs `steps` steps; returns the last report (`None` for 0 steps).
+    /// Runs `steps` steps, or fewer when a step reports
+    /// [`StepReport::stop`] (every rank of a data-parallel group ends at
+    /// the same step); returns the last report (`None` for 0 steps).
     pub fn train(&mut self, steps: u64) -> Result<Option<StepReport>> {
         let mut last = None;
         for _ in 0..steps {
-            last = Some(self.step()?);
+            let r = self.step()?;
+            let stop = r.stop;
+            last = Some(r);
+            if stop {
+                break;
+            }
         }
         Ok(last)
     }
 
     fn log(&mut self, r: &StepReport) {
+        let speaks = self.rank() == 0;
         let w = &mut self.window;
         let since = *w.since.get_or_insert_with(Instant::now);
         if let Some(u) = r.update {
@@ -1145,6 +1507,15 @@ impl Learner {
         }
         w.returns.extend_from_slice(&r.episode_returns);
         if !r.counters.step.is_multiple_of(self.cfg.log_every_steps) {
+            return;
+        }
+        if !speaks {
+            // Data-parallel: rank 0 speaks for the group; the others'
+            // windows are only reset.
+            *w = Window {
+                since: Some(Instant::now()),
+                ..Window::default()
+            };
             return;
         }
         let n = w.updates.max(1) as f64;
@@ -1201,8 +1572,61 @@ impl Learner {
     /// there) crash-safely; returns the bytes written. Layout and protocol:
     /// the module docs. In threaded mode the buffer is saved under its read
     /// lock while the actors keep running.
+    ///
+    /// In data-parallel mode this is collective (every rank calls it with
+    /// the same `dir`, on a file system they share): rank 0 writes the
+    /// directory with the full optimizer state, then every other rank
+    /// writes its own replay, RNG and actor state into `dir/rank-<r>/`;
+    /// each rank returns the bytes it wrote, or the same failure as the
+    /// others when any rank could not write. The communicator's timeout
+    /// must cover rank 0's write.
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> Result<u64> {
         let dir = dir.as_ref();
+        let Some(zero) = &self.nets.zero else {
+            return self.write_dir(dir, &self.nets.opt, None);
+        };
+        let (rank, world, comm) = (zero.rank(), zero.world(), zero.comm());
+        let full = zero.gather_state()?;
+        let mut result = match (rank, &full) {
+            (0, Some(full)) => self.write_dir(dir, full, Some((0, world))),
+            (0, None) => Err(persist::corrupt(
+                dir,
+                "rank 0 received no optimizer state to write",
+            )),
+            _ => Ok(0),
+        };
+        drop(full);
+        let mut written = [f32::from(u8::from(result.is_ok()))];
+        comm.broadcast(&mut written, 0)?;
+        if written[0] == 0.0 {
+            return result.and(Err(persist::corrupt(
+                dir,
+                "rank 0 could not write the checkpoint",
+            )));
+        }
+        if rank > 0 {
+            result = self.write_dir(
+                &persist::rank_dir(dir, rank),
+                &self.nets.opt,
+                Some((rank, world)),
+            );
+        }
+        let mut failed = [f32::from(u8::from(result.is_err()))];
+        comm.all_reduce_sum(&mut failed)?;
+        if failed[0] > 0.0 {
+            return result.and(Err(persist::corrupt(
+                dir,
+                format!("{} rank(s) could not write their state", failed[0]),
+            )));
+        }
+        result
+    }
+
+    /// Writes this learner's checkpoint directory with `opt`'s state: the
+    /// whole checkpoint (`dp`: `None` for a single process, `(0, world)`
+    /// for a data-parallel rank 0), or a data-parallel rank's own state
+    /// (`(rank > 0, world)`: replay, RNG and actor only).
+    fn write_dir(&self, dir: &Path, opt: &AdamW, dp: Option<(usize, usize)>) -> Result<u64> {
         let counters = self.counters();
         let actor = match &self.mode {
             Mode::Sync(s) => Some(ActorState {
@@ -1220,22 +1644,28 @@ impl Learner {
             updates: counters.updates,
             transitions: counters.transitions,
             episodes: counters.episodes,
-            optimizer_step: self.nets.opt.step,
+            optimizer_step: opt.step,
             learner_rng: RngState::of(&self.rng),
             batch_size: Some(self.batch_size),
             loss_scaler: self.nets.step.precision.scaler.clone(),
             actor,
             fingerprint: self.cfg.fingerprint(&self.data),
+            world: dp.map(|d| d.1),
+            rank: dp.map(|d| d.0),
             files: Vec::new(),
         };
-        let bytes = persist::write_checkpoint(dir, body, |tmp| {
-            gm_models::weights::save(&self.nets.online_vm, tmp.join(persist::ONLINE))?;
-            gm_models::weights::save(&self.nets.target_vm, tmp.join(persist::TARGET))?;
-            persist::save_optimizer(
-                &self.nets.opt,
-                &self.nets.online_vm,
-                &tmp.join(persist::OPTIMIZER),
-            )?;
+        let whole = dp.is_none_or(|d| d.0 == 0);
+        let files = if whole {
+            persist::MAIN_FILES
+        } else {
+            persist::RANK_FILES
+        };
+        let bytes = persist::write_checkpoint(dir, body, files, |tmp| {
+            if whole {
+                gm_models::weights::save(&self.nets.online_vm, tmp.join(persist::ONLINE))?;
+                gm_models::weights::save(&self.nets.target_vm, tmp.join(persist::TARGET))?;
+                persist::save_optimizer(opt, &self.nets.online_vm, &tmp.join(persist::OPTIMIZER))?;
+            }
             self.replay.read().save(tmp.join(persist::REPLAY))?;
             Ok(())
         })?;
@@ -1249,6 +1679,10 @@ impl Learner {
     /// mode the continuation is bit-identical to a run that was never
     /// interrupted. A missing, truncated or corrupted checkpoint is an
     /// [`Error::Checkpoint`].
+    ///
+    /// A data-parallel checkpoint resumes here too, as a single process:
+    /// the directory holds everything one needs (the weights, the full
+    /// optimizer state, and rank 0's replay and actor).
     pub fn resume(
         cfg: LearnerConfig,
         data: Arc<MarketData>,
@@ -1256,8 +1690,18 @@ impl Learner {
     ) -> Result<Self> {
         cfg.validate()?;
         let dir = dir.as_ref();
-        let body = persist::read_checkpoint(dir)?;
-        let want = cfg.fingerprint(&data);
+        let body = Self::read_main(&cfg, &data, dir)?;
+        let device = Device::Cpu;
+        let nets = Nets::load(&cfg, dir, &body, &device)?;
+        let seed = cfg.seed;
+        Self::restore(cfg, data, device, nets, &body, dir, seed)
+    }
+
+    /// Reads and checks the manifest of the checkpoint in `dir` against
+    /// `cfg` and `data`.
+    fn read_main(cfg: &LearnerConfig, data: &MarketData, dir: &Path) -> Result<Body> {
+        let body = persist::read_checkpoint(dir, persist::MAIN_FILES)?;
+        let want = cfg.fingerprint(data);
         if body.fingerprint != want {
             return Err(persist::corrupt(
                 dir,
@@ -1267,35 +1711,21 @@ impl Learner {
                 ),
             ));
         }
-        let device = Device::Cpu;
-        let mut nets = Nets::new(&cfg, &device)?;
-        gm_models::weights::load(&nets.online_vm, dir.join(persist::ONLINE))?;
-        gm_models::weights::load(&nets.target_vm, dir.join(persist::TARGET))?;
-        persist::load_optimizer(
-            &mut nets.opt,
-            &nets.online_vm,
-            &dir.join(persist::OPTIMIZER),
-        )?;
-        nets.opt.step = body.optimizer_step;
-        match (&mut nets.step.precision.scaler, body.loss_scaler) {
-            (Some(s), Some(saved)) => *s = saved,
-            (None, None) => {}
-            (mine, saved) => {
-                return Err(persist::corrupt(
-                    dir,
-                    format!(
-                        "loss scaler state {}, the config's precision {:?} {}",
-                        if saved.is_some() { "present" } else { "absent" },
-                        cfg.step.precision,
-                        if mine.is_some() {
-                            "needs one"
-                        } else {
-                            "has none"
-                        },
-                    ),
-                ))
-            }
-        }
+        Ok(body)
+    }
+
+    /// The learner with `nets` and the replay, RNG, counters and actor of
+    /// the checkpoint directory `dir` (manifest `body`); `rank_seed` draws
+    /// its dropout masks.
+    fn restore(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        device: Device,
+        nets: Nets,
+        body: &Body,
+        dir: &Path,
+        rank_seed: u64,
+    ) -> Result<Self> {
         let batch_size = body.batch_size.unwrap_or(cfg.batch_size);
         cfg.check_batch_size("batch_size (checkpoint)", batch_size)?;
         let buffer = PrioritizedReplayBuffer::load(dir.join(persist::REPLAY))
@@ -1319,7 +1749,7 @@ impl Learner {
             _ => None,
         };
         let mode = Self::start_mode(
-            &cfg, &data, &replay, &nets, counters, batch_size, sync_state,
+            &cfg, &data, &replay, &nets, counters, batch_size, cfg.seed, sync_state,
         )?;
         tracing::info!(target: "gm_train", path = %dir.display(), step = counters.step, "checkpoint resumed");
         Ok(Self {
@@ -1333,7 +1763,159 @@ impl Learner {
             batch_size,
             window: Window::default(),
             mode,
+            rank_seed,
+            stop_requested: false,
         })
+    }
+
+    /// A data-parallel learner: this rank of `dp.comm`'s group, training
+    /// together with the others (module docs, "Data parallel"). Collective:
+    /// every rank calls it with the same `cfg` (checked) and `data`. Every
+    /// rank builds the same initial networks (and rank 0's are broadcast);
+    /// its environments, exploration, replay sampling and dropout are
+    /// seeded with its rank mixed in (rank 0: as a single process), so
+    /// ranks collect different experience. Synchronous actors only, and
+    /// the batch must be at least the number of ranks: otherwise an
+    /// [`Error::Config`] on every rank.
+    pub fn new_data_parallel(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        dp: DataParallel,
+    ) -> Result<Self> {
+        let (rank, world) = (dp.comm.rank(), dp.comm.world());
+        let device = Device::Cpu;
+        let prepared = Self::check_data_parallel(&cfg, world, cfg.batch_size)
+            .and_then(|()| Nets::new(&cfg, &device));
+        let crc = cfg.group_crc32(&data);
+        let mut nets = Self::join_group(&*dp.comm, prepared, crc, 0)?;
+        nets.shard(&cfg, dp, false)?;
+        let seed = parallel::rank_seed(cfg.seed, rank);
+        Self::fresh(
+            cfg,
+            data,
+            device,
+            nets,
+            seed,
+            seed,
+            LearnerCounters::default(),
+        )
+    }
+
+    /// Resumes a checkpoint in `dir` as rank `dp.comm.rank()` of a
+    /// data-parallel group of any size (collective; every rank passes the
+    /// same `cfg`, `data` and `dir`, which the ranks share). Every rank
+    /// loads the weights, the target network and the full optimizer state
+    /// of `dir` (a single process's checkpoint works too) and keeps its
+    /// shards of the latter. Rank 0 restores the replay, RNG and actor of
+    /// `dir`, rank `r > 0` those of `dir/rank-<r>` when that holds rank
+    /// `r`'s state from the same step of the same run (whatever the world
+    /// size was); otherwise (more ranks than wrote the checkpoint, or a
+    /// missing or damaged directory) it starts with an empty buffer and
+    /// new episodes, seeded with its rank and the resumed step, and logs
+    /// a warning. The group then updates again once every rank's buffer
+    /// holds `learning_starts_transitions`.
+    pub fn resume_data_parallel(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        dir: impl AsRef<Path>,
+        dp: DataParallel,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let (rank, world) = (dp.comm.rank(), dp.comm.world());
+        let device = Device::Cpu;
+        let prepared = cfg.validate().and_then(|()| {
+            let body = Self::read_main(&cfg, &data, dir)?;
+            let batch = body.batch_size.unwrap_or(cfg.batch_size);
+            Self::check_data_parallel(&cfg, world, batch)?;
+            let nets = Nets::load(&cfg, dir, &body, &device)?;
+            Ok((body, nets))
+        });
+        let step = prepared.as_ref().map_or(0, |(b, _)| b.step);
+        let crc = cfg.group_crc32(&data);
+        let (body, mut nets) = Self::join_group(&*dp.comm, prepared, crc, step)?;
+        nets.shard(&cfg, dp, true)?;
+        let rank_seed = parallel::rank_seed(cfg.seed, rank);
+        if rank == 0 {
+            return Self::restore(cfg, data, device, nets, &body, dir, rank_seed);
+        }
+        let own = persist::rank_dir(dir, rank);
+        let mine = persist::read_checkpoint(&own, persist::RANK_FILES).and_then(|b| {
+            let same = b.step == body.step
+                && b.updates == body.updates
+                && b.rank == Some(rank)
+                && b.fingerprint == body.fingerprint;
+            if same {
+                Ok(b)
+            } else {
+                Err(persist::corrupt(
+                    &own,
+                    format!(
+                        "holds rank {:?} at step {}, not rank {rank} at step {}",
+                        b.rank, b.step, body.step
+                    ),
+                ))
+            }
+        });
+        match mine {
+            Ok(b) => {
+                let mut l = Self::restore(cfg, data, device, nets, &b, &own, rank_seed)?;
+                // The group's batch is rank 0's (the same in every manifest
+                // of one checkpoint).
+                l.batch_size = body.batch_size.unwrap_or(l.cfg.batch_size);
+                Ok(l)
+            }
+            Err(e) => {
+                tracing::warn!(target: "gm_train", rank, path = %own.display(), error = %e, "no saved state for this rank: it starts with an empty replay buffer and new episodes");
+                let counters = LearnerCounters {
+                    step: body.step,
+                    updates: body.updates,
+                    transitions: body.transitions,
+                    episodes: body.episodes,
+                };
+                let seed = parallel::fresh_seed(rank_seed, body.step);
+                let mut l = Self::fresh(cfg, data, device, nets, rank_seed, seed, counters)?;
+                l.batch_size = body.batch_size.unwrap_or(l.cfg.batch_size);
+                Ok(l)
+            }
+        }
+    }
+
+    /// What a data-parallel learner needs of its config: valid,
+    /// synchronous actors, a batch of at least one row per rank.
+    fn check_data_parallel(cfg: &LearnerConfig, world: usize, batch: usize) -> Result<()> {
+        cfg.validate()?;
+        if let ActorMode::Threaded { threads } = cfg.actors {
+            return Err(Error::config(
+                "actors",
+                format!("Threaded {{ threads: {threads} }}"),
+                "Synchronous in data-parallel mode",
+            ));
+        }
+        if batch < world {
+            return Err(Error::config(
+                "batch_size",
+                batch,
+                format!("at least the number of data-parallel ranks ({world})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The collective check before the ranks build their sharded
+    /// optimizer: `prepared` is this rank's result; every rank fails when
+    /// one did or when their configs or start steps differ.
+    fn join_group<T>(
+        comm: &dyn gm_shard::Communicator,
+        prepared: Result<T>,
+        config_crc32: u32,
+        step: u64,
+    ) -> Result<T> {
+        let (mine, value) = match prepared {
+            Ok(v) => (Ok(()), Some(v)),
+            Err(e) => (Err(e), None),
+        };
+        parallel::check_group(comm, mine, config_crc32, step)?;
+        value.ok_or_else(|| Error::Stopped("data-parallel group check".into()))
     }
 }
 

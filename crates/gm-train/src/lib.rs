@@ -12,6 +12,7 @@ pub mod optim;
 pub mod precision;
 pub mod sparsify;
 pub mod step;
+pub mod zero;
 
 pub use accum::{accumulate, accumulation_steps, AccumConfig, AccumPlan, GradAccumulator};
 pub use agent::{AgentConfig, AgentNet, ObsBatch, OBS_PARTS};
@@ -23,6 +24,7 @@ pub use checkpoint::{
 pub use error::{Error, Result};
 pub use grads::Grads;
 pub use learner::policy::GreedyPolicy;
+pub use learner::DataParallel;
 pub use learner::{
     ActorMode, EpsilonSchedule, Learner, LearnerConfig, LearnerCounters, StepReport, TargetUpdate,
     UpdateStats,
@@ -31,3 +33,4 @@ pub use optim::{AdamW, AdamWConfig};
 pub use precision::{working_builder, LossScaler, LossScalerConfig, MixedPrecision, Precision};
 pub use sparsify::{SparsifyReport, TopK, TopKAmount, TopKConfig, TopKScope};
 pub use step::{StepConfig, StepGrads, StepOutcome, TdBatch, TrainStep};
+pub use zero::{ZeroConfig, ZeroOptimizer, ZeroOutcome};

@@ -33,6 +33,25 @@
 //! The gradients are then clipped to `max_grad_norm` and applied by
 //! [`AdamW`]. With every technique off this is plain backprop of `L`.
 //!
+//! # Out of memory
+//!
+//! When computing the gradients fails because the device ran out of
+//! memory ([`Error::is_out_of_memory`]: on a GPU, candle's
+//! `CUDA_ERROR_OUT_OF_MEMORY`), [`TrainStep::step`] halves the rows per
+//! micro-batch and computes the same batch again — nothing has been
+//! updated yet, so no data is lost and the update is the one the full
+//! batch gives (accumulation is exact; with dropout the masks are a new
+//! draw). The smaller micro-batch stays in [`TrainStep::cfg`] for the
+//! following steps, and [`TrainStep::oom_retries`] counts the retries; a
+//! micro-batch of one row that still does not fit is returned as the
+//! error. The CPU has no recoverable out-of-memory (Rust aborts on a
+//! failed allocation), so the CPU twin of this path is
+//! [`TrainStep::inject_oom_above_rows`]: micro-batches larger than a limit
+//! fail with [`Error::OutOfMemory`] as a device without room for them
+//! would (`tests/step.rs` checks the retry against the plain step). On a
+//! GPU the path is untested here: candle's CUDA backend is not wired into
+//! this workspace yet.
+//!
 //! # Dropout
 //!
 //! With [`StepConfig::dropout`] on, micro-batch `k` runs with
@@ -263,6 +282,12 @@ pub struct TrainStep {
     pub agent: AgentConfig,
     /// Precision and, for f16, the loss scaler.
     pub precision: MixedPrecision,
+    /// Gradient computations retried with a halved micro-batch after the
+    /// device ran out of memory (see the module docs).
+    pub oom_retries: u64,
+    /// The CPU twin of a device's out-of-memory: micro-batches of more
+    /// rows fail with [`Error::OutOfMemory`].
+    inject_oom_above_rows: Option<usize>,
 }
 
 impl TrainStep {
@@ -274,7 +299,17 @@ impl TrainStep {
             precision: MixedPrecision::new(cfg.precision),
             cfg,
             agent,
+            oom_retries: 0,
+            inject_oom_above_rows: None,
         })
+    }
+
+    /// Makes micro-batches of more than `rows` rows fail with
+    /// [`Error::OutOfMemory`] before they run, as on a device without room
+    /// for them (`None`: off, the default). The CPU twin of the GPU
+    /// out-of-memory path, for tests and drills.
+    pub fn inject_oom_above_rows(&mut self, rows: Option<usize>) {
+        self.inject_oom_above_rows = rows;
     }
 
     /// One whole update: [`grads`](Self::grads), then
@@ -289,8 +324,40 @@ impl TrainStep {
         batch: &TdBatch<'_, impl Copy + Into<f64>>,
         seed: u64,
     ) -> Result<StepOutcome> {
-        let g = self.grads(net, master, batch, seed)?;
+        let g = self.grads_retrying(net, master, batch, seed)?;
         self.apply(g, opt)
+    }
+
+    /// [`grads`](Self::grads), retried with a halved micro-batch while the
+    /// device runs out of memory (see the module docs); the smaller
+    /// micro-batch is kept in [`TrainStep::cfg`]. What [`step`](Self::step)
+    /// and the data-parallel learner use.
+    pub fn grads_retrying(
+        &mut self,
+        net: &AgentNet,
+        master: &VarMap,
+        batch: &TdBatch<'_, impl Copy + Into<f64>>,
+        seed: u64,
+    ) -> Result<StepGrads> {
+        loop {
+            match self.grads(net, master, batch, seed) {
+                Ok(g) => return Ok(g),
+                Err(e) if e.is_out_of_memory() => {
+                    let rows = self
+                        .cfg
+                        .micro_batch
+                        .map_or(batch.len(), |m| m.min(batch.len()));
+                    if rows <= 1 {
+                        return Err(e);
+                    }
+                    let half = rows.div_ceil(2);
+                    tracing::warn!(target: "gm_train", rows, retry_rows = half, error = %e, "out of memory in a training step: retrying the same batch with a halved micro-batch");
+                    self.cfg.micro_batch = Some(half);
+                    self.oom_retries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The loss, TD errors and gradients of one step, with the configured
@@ -327,6 +394,13 @@ impl TrainStep {
         let (mut loss_sum, mut q_sum) = (0f64, 0f64);
         let mut td_abs = Vec::with_capacity(b);
         for (k, &(start, rows)) in parts.iter().enumerate() {
+            if let Some(limit) = self.inject_oom_above_rows.filter(|&l| rows > l) {
+                return Err(Error::OutOfMemory {
+                    device: format!("{device:?}").to_lowercase(),
+                    rows,
+                    detail: format!("injected: micro-batches above {limit} rows do not fit"),
+                });
+            }
             let obs = if whole {
                 batch.obs.clone()
             } else {

@@ -442,3 +442,59 @@ fn bad_batches_and_configs_are_errors() {
     )
     .is_err());
 }
+
+/// The CPU twin of a GPU out-of-memory: micro-batches above 3 rows "do not
+/// fit". The step halves its micro-batch (8 → 4 → 2), reruns the same
+/// batch, and makes the update the plain step makes, keeping the smaller
+/// micro-batch; one row that does not fit is a typed error.
+#[test]
+fn an_out_of_memory_step_halves_the_micro_batch_and_retries_the_same_batch() {
+    let d = Data::new(6);
+    let opt_cfg = AdamWConfig::default();
+    let plain = cfg(None, Precision::F32, None, false);
+    let run = |inject: Option<usize>| {
+        let (vm, net) = agent();
+        let mut opt = AdamW::new(opt_cfg, Grads::empty(&vm).unwrap().len()).unwrap();
+        let mut step = TrainStep::new(plain, AgentConfig::tiny()).unwrap();
+        step.inject_oom_above_rows(inject);
+        let out = step.step(&net, &vm, &mut opt, &d.batch(), 9).unwrap();
+        (weights_of(&vm), out, step)
+    };
+    let (reference, ref_out, _) = run(None);
+    let (retried, out, step) = run(Some(3));
+    assert_eq!(step.oom_retries, 2, "8 rows -> 4 -> 2");
+    assert_eq!(
+        step.cfg.micro_batch,
+        Some(2),
+        "the smaller micro-batch is kept"
+    );
+    assert_eq!(out.micro_batches, 4);
+    assert!(out.stepped);
+    assert_eq!(out.td_abs.len(), B, "every row of the batch was used");
+    assert!((out.loss - ref_out.loss).abs() <= 1e-6 * ref_out.loss.abs().max(1e-12));
+    let mut worst = 0f64;
+    for (a, b) in reference.iter().zip(&retried) {
+        for (x, y) in a.1.iter().zip(&b.1) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(
+        worst <= 1e-5,
+        "retried update differs from the plain one by {worst}"
+    );
+
+    // Nothing fits: the typed error comes back and the weights are untouched.
+    let (vm, net) = agent();
+    let before = weights_of(&vm);
+    let mut opt = AdamW::new(opt_cfg, Grads::empty(&vm).unwrap().len()).unwrap();
+    let mut step = TrainStep::new(plain, AgentConfig::tiny()).unwrap();
+    step.inject_oom_above_rows(Some(0));
+    let err = step.step(&net, &vm, &mut opt, &d.batch(), 9).unwrap_err();
+    assert!(err.is_out_of_memory(), "{err}");
+    assert!(
+        matches!(err, gm_train::Error::OutOfMemory { rows: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(opt.step, 0);
+    assert_eq!(weights_of(&vm), before);
+}

@@ -26,7 +26,7 @@ use super::{memory, models, train};
 use crate::cmd_output;
 
 /// The areas with a block in BENCHMARKS.md, in the order `cargo xtask bench` runs them.
-pub(crate) const AREAS: &[&str] = &["buffers", "memory", "models", "train"];
+pub(crate) const AREAS: &[&str] = &["buffers", "memory", "models", "train", "shard"];
 
 fn begin_marker(area: &str) -> String {
     format!("<!-- bench:{area}:begin -->")
@@ -281,6 +281,7 @@ fn render_area(area: &str, dir: &Path) -> Result<String> {
         "memory" => render_memory(&v),
         "models" => render_models(&v),
         "train" => render_train(&v),
+        "shard" => super::shard::render(&v),
         other => bail!("no renderer for bench area `{other}`"),
     });
     Ok(out)
@@ -801,7 +802,7 @@ mod tests {
 
         let outcome = regen(&doc_path, &dir, &[]).unwrap();
         assert_eq!(outcome.updated, ["memory"]);
-        assert_eq!(outcome.missing, ["buffers", "models", "train"]);
+        assert_eq!(outcome.missing, ["buffers", "models", "train", "shard"]);
         assert!(outcome.failed.is_empty());
         let out = std::fs::read_to_string(&doc_path).unwrap();
         assert!(out.contains("old train") && !out.contains("old memory"));

@@ -9,7 +9,13 @@
 //! | `target.safetensors` | the target network |
 //! | `optimizer.safetensors` | AdamW moments: `m/<variable>` and `v/<variable>` (variables that never had a gradient have none) |
 //! | `replay.gmr` | the prioritized buffer with its priorities and β position (gm-buffers `save`) |
-//! | `manifest.json` | format and version, step counters, AdamW's step, RNG states (seed, stream, word position), the live batch size, the f16 loss scaler's state, the synchronous actor's episode-round actions, the config (the update's techniques included) and data fingerprints, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//! | `manifest.json` | format and version, step counters, AdamW's step, RNG states (seed, stream, word position), the live batch size, the f16 loss scaler's state, the synchronous actor's episode-round actions, the config (the update's techniques included) and data fingerprints, in data-parallel mode the world size and rank, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//!
+//! A data-parallel checkpoint is this directory written by rank 0 (with the
+//! full optimizer state), plus one `rank-<r>/` directory per other rank
+//! holding only that rank's `replay.gmr` and a `manifest.json` (the same
+//! format: its counters, RNG and actor state, `rank`, `world`), each
+//! written with the same crash-safe protocol ([`rank_dir`], [`RANK_FILES`]).
 //!
 //! # Crash safety
 //! Everything is written into a fresh sibling directory
@@ -53,6 +59,16 @@ pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
 pub(crate) const REPLAY: &str = "replay.gmr";
 /// The manifest.
 pub(crate) const MANIFEST: &str = "manifest.json";
+/// The data files of a checkpoint directory (what a single process needs).
+pub(crate) const MAIN_FILES: &[&str] = &[ONLINE, TARGET, OPTIMIZER, REPLAY];
+/// The data files of a data-parallel rank's own directory.
+pub(crate) const RANK_FILES: &[&str] = &[REPLAY];
+
+/// Where rank `rank` (> 0) of a data-parallel run keeps its own state
+/// inside the checkpoint `dir`.
+pub(crate) fn rank_dir(dir: &Path, rank: usize) -> PathBuf {
+    dir.join(format!("rank-{rank}"))
+}
 
 /// A ChaCha8 stream position: seed, stream and word position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +200,14 @@ pub(crate) struct Body {
     pub loss_scaler: Option<LossScaler>,
     pub actor: Option<ActorState>,
     pub fingerprint: Fingerprint,
+    /// Data-parallel runs: the number of ranks that wrote the checkpoint
+    /// (absent for a single process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<usize>,
+    /// Data-parallel runs: the rank whose replay, RNG and actor state the
+    /// directory holds (0 for the main directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
     pub files: Vec<FileEntry>,
 }
 
@@ -289,11 +313,13 @@ pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> R
 }
 
 /// Writes a checkpoint into `dir` crash-safely: `write` fills a fresh
-/// temporary directory with the data files, then the manifest (`body`
-/// with the files' digests) is added and the directory renamed into place.
+/// temporary directory with the data files `files` ([`MAIN_FILES`] or
+/// [`RANK_FILES`]), then the manifest (`body` with the files' digests) is
+/// added and the directory renamed into place.
 pub(crate) fn write_checkpoint(
     dir: &Path,
     mut body: Body,
+    files: &[&str],
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<u64> {
     let name = dir
@@ -320,7 +346,7 @@ pub(crate) fn write_checkpoint(
         write(&tmp)?;
         let mut total = 0;
         body.files.clear();
-        for f in [ONLINE, TARGET, OPTIMIZER, REPLAY] {
+        for &f in files {
             let p = tmp.join(f);
             fsync_file(&p)?;
             let (bytes, crc32) = digest(&p)?;
@@ -374,8 +400,9 @@ fn manifest_text(body: Body) -> Result<String> {
         .map_err(|e| corrupt(Path::new(MANIFEST), format!("serialize: {e}")))
 }
 
-/// Reads and verifies the manifest of `dir` and every file it lists.
-pub(crate) fn read_checkpoint(dir: &Path) -> Result<Body> {
+/// Reads and verifies the manifest of `dir` and the data files `files`
+/// ([`MAIN_FILES`] or [`RANK_FILES`]), which it must list.
+pub(crate) fn read_checkpoint(dir: &Path, files: &[&str]) -> Result<Body> {
     let mp = dir.join(MANIFEST);
     let text = fs::read_to_string(&mp).map_err(|e| io(&mp, "read manifest", e))?;
     let m: Manifest =
@@ -397,7 +424,7 @@ pub(crate) fn read_checkpoint(dir: &Path) -> Result<Body> {
             format!("version {}, this build reads {VERSION}", b.version),
         ));
     }
-    for want in [ONLINE, TARGET, OPTIMIZER, REPLAY] {
+    for &want in files {
         let Some(f) = b.files.iter().find(|f| f.name == want) else {
             return Err(corrupt(&mp, format!("the manifest lists no {want}")));
         };
