@@ -89,6 +89,36 @@ const STEPS: &[Step] = &[
         &[],
     ),
     (
+        "clippy (gm-system + e2e mpi)",
+        &[
+            "clippy",
+            "-p",
+            "gm-system",
+            "-p",
+            "grandmodel-e2e",
+            "--all-targets",
+            "--features",
+            "gm-system/mpi,grandmodel-e2e/mpi",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    ),
+    (
+        "test (train --ranks 2 under mpirun)",
+        &[
+            "test",
+            "-p",
+            "grandmodel-e2e",
+            "--features",
+            "mpi",
+            "--test",
+            "train_mpi",
+        ],
+        &[],
+    ),
+    (
         "test (ZeRO over MPI, 2 and 4 ranks)",
         &[
             "test",

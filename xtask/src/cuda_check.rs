@@ -7,7 +7,7 @@
 //! - `cargo xtask cuda-check`: probe (the bench example with `--info`), the
 //!   `kernels_compile_to_ptx` test with `--features cuda` (required to pass
 //!   when NVRTC is present), then on a device the parity tests
-//!   (`GM_REQUIRE_CUDA=1`) and the bench, whose JSON line goes to
+//!   (`GM_REQUIRE_CUDA=1`), gm-shard's NCCL collectives test and the bench, whose JSON line goes to
 //!   `target/cuda-check/bench.json`. Without a device it says so and exits 0
 //!   (non-zero with `GM_REQUIRE_CUDA=1`).
 //! - `cargo xtask cuda-check --bundle [DIR]`: builds the CUDA test binary and
@@ -217,6 +217,22 @@ fn check() -> Result<()> {
         .env("GM_REQUIRE_NVRTC", "1");
     run_cmd(&mut tests)?;
 
+    println!("\n==> cuda-check: NCCL collectives (gm-shard) on {device}");
+    let mut nccl = cuda_cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "gm-shard",
+        "--features",
+        "cuda",
+        "--test",
+        "nccl",
+        "--",
+        "--nocapture",
+    ]);
+    nccl.env("GM_REQUIRE_CUDA", "1");
+    run_cmd(&mut nccl)?;
+
     println!("\n==> cuda-check: sparse attention bench on {device}");
     let stdout = run_capture(&mut cuda_cargo(&[
         "run",
@@ -243,9 +259,10 @@ fn check() -> Result<()> {
 /// The script that runs a bundle on the GPU machine.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Made by `cargo xtask cuda-check --bundle`: runs the gm-models CUDA parity tests
-# (GM_REQUIRE_CUDA=1) and the sparse-attention bench on a GPU machine that has no
-# Rust toolchain. Results under $OUT (default: ./out next to this script):
-# info.json, tests.log, bench.log, bench.json. Exit status non-zero if either fails.
+# (GM_REQUIRE_CUDA=1), gm-shard's NCCL collectives test and the sparse-attention
+# bench on a GPU machine that has no Rust toolchain. Results under $OUT (default:
+# ./out next to this script): info.json, tests.log, nccl.log, bench.log, bench.json.
+# Exit status non-zero if any fails.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 out=${OUT:-$here/out}
@@ -281,12 +298,23 @@ GM_REQUIRE_CUDA=1 GM_REQUIRE_NVRTC=1 "$here/cuda-tests" --nocapture --test-threa
     > "$out/tests.log" 2>&1
 rc_tests=$?
 grep -E "^test |test result|max \|err\||panicked" "$out/tests.log" | tail -n 40
+# NCCL (libnccl.so.2) from the pip packages PyTorch brings (nvidia/nccl/lib).
+for d in "${dirs[@]}"; do
+    if [[ -e $d/libnccl.so.2 || -e $d/libnccl.so ]]; then
+        export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+        echo "NCCL: $d"
+        break
+    fi
+done
+GM_REQUIRE_CUDA=1 "$here/nccl-tests" --nocapture > "$out/nccl.log" 2>&1
+rc_nccl=$?
+grep -E "^test |test result|panicked|skipped" "$out/nccl.log" | tail -n 20
 "$here/cuda_attention_bench" > "$out/bench.log" 2>&1
 rc_bench=$?
 tail -n 4 "$out/bench.log"
 tail -n 1 "$out/bench.log" > "$out/bench.json"
-echo "tests: exit $rc_tests, bench: exit $rc_bench"
-exit $((rc_tests != 0 || rc_bench != 0))
+echo "tests: exit $rc_tests, nccl: exit $rc_nccl, bench: exit $rc_bench"
+exit $((rc_tests != 0 || rc_nccl != 0 || rc_bench != 0))
 "#;
 
 /// Builds the CUDA test binary and the bench (release, `--features cuda`)
@@ -323,10 +351,32 @@ fn bundle(dir: &Path) -> Result<()> {
         "cuda_attention_bench",
     ]))?;
     let bench = project_root().join("target/release/examples/cuda_attention_bench");
+    let stdout = run_capture(&mut cuda_cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "gm-shard",
+        "--features",
+        "cuda",
+        "--test",
+        "nccl",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    let nccl = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "nccl")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the `nccl` test executable")?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut total = 0;
-    for (src, name) in [(&tests, "cuda-tests"), (&bench, "cuda_attention_bench")] {
+    for (src, name) in [
+        (&tests, "cuda-tests"),
+        (&nccl, "nccl-tests"),
+        (&bench, "cuda_attention_bench"),
+    ] {
         let dst = dir.join(name);
         std::fs::copy(src, &dst)
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;

@@ -2,18 +2,24 @@
 //! inspect`. Errors are one sentence on stderr and an exit code documented
 //! in [`crate::error`] (`grandmodel --help` lists them too). The program's
 //! `main` is [`main`]; the binary only adds the counting allocator.
+//!
+//! `train --ranks N` with N > 1 is one rank of a data-parallel run under
+//! `mpirun` ([`crate::parallel::Group`], [`train::run_parallel`]): rank 0
+//! prints progress and the summary, the other ranks only their errors
+//! (prefixed `rank R:`); every rank treats SIGINT, SIGTERM and SIGUSR1 as
+//! a stop request, since mpirun turns Ctrl-C into SIGTERM for its ranks.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use gm_core::ByteSize;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::config::{self, Layers};
+use crate::config::{self, Layers, Resolved};
+use crate::parallel::{self, Group};
 use crate::train::{self, Progress, ProgressSink, TrainOptions};
 use crate::{exit, Error};
 
@@ -27,7 +33,35 @@ Exit codes:
   5    data file unusable (malformed CSV, too few bars)
   6    checkpoint or buffer file missing, corrupt or from another run
   7    memory limit too small for the run, or exceeded
+  8    data-parallel run cannot start or its group failed (--ranks N > 1 without the
+       mpi build or mpirun, mpirun -n != --ranks, a rank left or timed out)
   130  interrupted by Ctrl-C (checkpoint written; continue with --resume)";
+
+const MPI_HELP: &str = "\
+MPI (data-parallel training, --ranks N > 1):
+  Build:  cargo build --release -p gm-system --features mpi
+          (needs Open MPI and libclang: apt-get install libopenmpi-dev openmpi-bin libclang-dev)
+  Launch: mpirun -n N target/release/grandmodel train --ranks N [other flags]
+          (as root add --allow-run-as-root; more ranks than cores: --oversubscribe; in a
+          container without ptrace rights: --mca btl_vader_single_copy_mechanism none)
+  Every rank trains on the same data with its own environments and replay buffer; the
+  global batch is split across the ranks, and the AdamW state (with shard.stage = 2 also
+  the reduced gradient) is sharded across them (ZeRO), so each holds about 1/N of it.
+  Rank 0 alone writes the output directory (report.md and report.json with a per-rank
+  table next to the ZeRO formula, metrics.jsonl with every rank's memory and time in
+  collectives, monitor.jsonl, memory.svg, config.toml, run_state.json), shows progress
+  and serves Prometheus; the other ranks write only their part of the checkpoint and
+  print only their errors, prefixed with their rank. memory.limit_bytes is per rank.
+  [shard] configures the group: stage (1 or 2), timeout_secs, max_shard_bytes,
+  rebalance_hot_fraction (a rank whose RSS is that far above the median at a checkpoint
+  sheds optimizer shards).
+  Stopping: every rank treats SIGINT, SIGTERM and SIGUSR1 like Ctrl-C: the ranks stop at
+  the same step, write the checkpoint together and exit 130. mpirun forwards SIGUSR1 at
+  once (kill -USR1 <mpirun pid>); on Ctrl-C it sends SIGTERM only after
+  odls_base_sigkill_timeout seconds (default 1) and SIGKILL as long after that, so add
+  --mca odls_base_sigkill_timeout 60 to give Ctrl-C time to checkpoint (mpirun itself
+  then exits 1, the ranks 130).
+  --resume DIR continues on any number of ranks, 1 (no mpirun) included.";
 
 fn config_args(cmd: Command) -> Command {
     cmd.arg(
@@ -81,6 +115,12 @@ fn config_args(cmd: Command) -> Command {
     )
 }
 
+fn ranks_arg() -> Arg {
+    Arg::new("ranks").long("ranks").value_name("N").help(
+        "data-parallel ranks (run.ranks, default 1); N > 1 needs the mpi build and mpirun -n N",
+    )
+}
+
 fn command() -> Command {
     Command::new("grandmodel")
         .about("Train the GrandModel trading agent inside a memory budget, with a memory report.")
@@ -91,6 +131,9 @@ fn command() -> Command {
             config_args(Command::new("train").about(
                 "train the agent (synthetic market by default) and write report.md, report.json, metrics.jsonl, memory.svg",
             ))
+            .arg(ranks_arg())
+            .after_help("With --ranks N > 1, one rank of a data-parallel run under mpirun -n N (see MPI in --help).")
+            .after_long_help(MPI_HELP)
             .arg(
                 Arg::new("resume")
                     .long("resume")
@@ -137,9 +180,12 @@ fn command() -> Command {
             Command::new("config")
                 .about("configuration")
                 .subcommand_required(true)
-                .subcommand(config_args(Command::new("show").about(
-                    "print the resolved configuration and where each value came from",
-                ))),
+                .subcommand(
+                    config_args(Command::new("show").about(
+                        "print the resolved configuration and where each value came from",
+                    ))
+                    .arg(ranks_arg()),
+                ),
         )
         .subcommand(
             Command::new("buffer")
@@ -169,8 +215,10 @@ fn layers(m: &ArgMatches, fallback_file: Option<PathBuf>) -> Result<Layers, Erro
         ("data", "run.data"),
         ("out", "run.out"),
         ("metrics-addr", "run.metrics_addr"),
+        ("ranks", "run.ranks"),
     ] {
-        if let Some(v) = m.get_one::<String>(id) {
+        // `--ranks` exists on `train` and `config show` only.
+        if let Ok(Some(v)) = m.try_get_one::<String>(id) {
             flags.push((format!("--{id}"), key.to_string(), v.clone()));
         }
     }
@@ -265,6 +313,74 @@ fn fields(p: &Progress) -> String {
     )
 }
 
+/// Set by Ctrl-C (and, in a data-parallel run, SIGTERM and SIGUSR1): the
+/// run stops after the current step and writes a checkpoint.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// SIGTERM and SIGUSR1 in a data-parallel rank: a stop request like
+/// Ctrl-C; the second one quits at once.
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // SAFETY: `_exit` is async-signal-safe and ends the process.
+        unsafe { libc::_exit(exit::INTERRUPTED) };
+    }
+}
+
+/// Makes SIGTERM and SIGUSR1 stop requests (mpirun turns Ctrl-C into
+/// SIGTERM for its ranks, and forwards SIGUSR1).
+fn install_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+        // SAFETY: the handler only touches an atomic and calls `_exit`,
+        // both async-signal-safe; `signal` replaces the disposition of a
+        // signal this program does not otherwise use.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Ctrl-C sets [`STOP`]; a second one quits at once. `speak`: say so.
+fn install_ctrlc(speak: bool) {
+    let _ = ctrlc::set_handler(move || {
+        if STOP.swap(true, Ordering::SeqCst) {
+            if speak {
+                eprintln!("grandmodel: second interrupt, quitting without a checkpoint");
+            }
+            std::process::exit(exit::INTERRUPTED);
+        }
+        if speak {
+            eprintln!("grandmodel: interrupt: finishing the step and writing a checkpoint (Ctrl-C again to quit at once)");
+        }
+    });
+}
+
+fn progress_sink(quiet: bool) -> Box<dyn ProgressSink> {
+    if quiet {
+        Box::new(train::NoProgress)
+    } else if std::io::stdout().is_terminal() {
+        Box::new(Bar(None))
+    } else {
+        Box::new(Lines)
+    }
+}
+
+fn print_result(s: &train::TrainSummary, resolved: &Resolved) -> i32 {
+    if s.interrupted {
+        eprintln!(
+            "grandmodel: interrupted at step {} of {}: checkpoint written to {}; continue with: grandmodel train --resume {}",
+            s.steps,
+            resolved.config.run.steps,
+            s.out_dir.join("checkpoint").display(),
+            s.out_dir.display()
+        );
+        return exit::INTERRUPTED;
+    }
+    println!("\n{}", train::summary_table(s));
+    println!(
+        "reports: {0}/report.md, {0}/report.json, {0}/metrics.jsonl, {0}/memory.svg",
+        s.out_dir.display()
+    );
+    exit::OK
+}
+
 fn train_cmd(m: &ArgMatches) -> Result<i32, Error> {
     let resume = m.get_one::<String>("resume").map(PathBuf::from);
     // A resumed run reads its saved config unless --config says otherwise.
@@ -281,40 +397,87 @@ fn train_cmd(m: &ArgMatches) -> Result<i32, Error> {
         }
     }
     let resolved = config::resolve(&l)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s2 = stop.clone();
-    // A second Ctrl-C quits at once.
-    let _ = ctrlc::set_handler(move || {
-        if s2.swap(true, Ordering::SeqCst) {
-            eprintln!("grandmodel: second interrupt, quitting without a checkpoint");
-            std::process::exit(exit::INTERRUPTED);
-        }
-        eprintln!("grandmodel: interrupt: finishing the step and writing a checkpoint (Ctrl-C again to quit at once)");
-    });
-    let mut sink: Box<dyn ProgressSink> = if m.get_flag("quiet") {
-        Box::new(train::NoProgress)
-    } else if std::io::stdout().is_terminal() {
-        Box::new(Bar(None))
-    } else {
-        Box::new(Lines)
-    };
-    let s = train::run(&resolved, &TrainOptions { resume }, &stop, sink.as_mut())?;
-    if s.interrupted {
-        eprintln!(
-            "grandmodel: interrupted at step {} of {}: checkpoint written to {}; continue with: grandmodel train --resume {}",
-            s.steps,
-            resolved.config.run.steps,
-            s.out_dir.join("checkpoint").display(),
-            s.out_dir.display()
-        );
-        return Ok(exit::INTERRUPTED);
+    let ranks = resolved.config.run.ranks;
+    if ranks > 1 {
+        return parallel_train(&resolved, TrainOptions { resume }, m.get_flag("quiet"));
     }
-    println!("\n{}", train::summary_table(&s));
-    println!(
-        "reports: {0}/report.md, {0}/report.json, {0}/metrics.jsonl, {0}/memory.svg",
-        s.out_dir.display()
-    );
-    Ok(exit::OK)
+    if let Some(world) = parallel::launcher_world_size().filter(|&w| w > 1) {
+        // Every process would train alone into the same directory.
+        return Err(Error::WorldMismatch { ranks, world });
+    }
+    install_ctrlc(true);
+    let mut sink = progress_sink(m.get_flag("quiet"));
+    let s = train::run(&resolved, &TrainOptions { resume }, &STOP, sink.as_mut())?;
+    Ok(print_result(&s, &resolved))
+}
+
+/// `line` on stderr in one write, so mpirun does not interleave it with
+/// another rank's.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// One rank of `train --ranks N` under mpirun. Errors are printed here,
+/// prefixed with the rank; a failure the other ranks do not know about
+/// aborts the whole job (they would wait in a collective until the
+/// timeout).
+fn parallel_train(resolved: &Resolved, opts: TrainOptions, quiet: bool) -> Result<i32, Error> {
+    let ranks = resolved.config.run.ranks;
+    let group = match Group::connect(ranks, resolved.config.shard.timeout) {
+        Ok(g) => g,
+        Err(e) => {
+            // The same error on every rank (from the environment): said once.
+            let code = e.exit_code();
+            match parallel::launcher_rank() {
+                None | Some(0) => say(&format!("grandmodel: {e}")),
+                Some(r) if matches!(e, Error::Shard(_)) => {
+                    say(&format!("grandmodel: rank {r}: {e}"))
+                }
+                Some(_) => {}
+            }
+            return Ok(code);
+        }
+    };
+    let rank = group.rank();
+    install_ctrlc(rank == 0);
+    install_stop_signals();
+    // Plain lines: mpirun gives its ranks a pseudo-terminal even when its
+    // own output goes to a file, so a progress bar would be escape codes.
+    let mut sink: Box<dyn ProgressSink> = if rank == 0 && !quiet {
+        Box::new(Lines)
+    } else {
+        Box::new(train::NoProgress)
+    };
+    let result = train::run_parallel(resolved, &opts, group.communicator(), &STOP, sink.as_mut());
+    drop(sink);
+    match result {
+        Ok(s) => {
+            let code = if rank == 0 {
+                print_result(&s, resolved)
+            } else if s.interrupted {
+                exit::INTERRUPTED
+            } else {
+                exit::OK
+            };
+            // Waits for every rank (rank 0 evaluates and writes the
+            // reports first).
+            group.finish();
+            Ok(code)
+        }
+        Err(f) => {
+            let code = f.error.exit_code();
+            // Another rank's failure is that rank's to report.
+            if rank == 0 || !matches!(*f.error, Error::PeerFailed { .. }) {
+                say(&format!("grandmodel: rank {rank}: {}", f.error));
+            }
+            if !f.peers_know && !group.is_broken() {
+                group.abort(code);
+            }
+            group.finish();
+            Ok(code)
+        }
+    }
 }
 
 fn report_cmd(m: &ArgMatches) -> Result<i32, Error> {

@@ -1,7 +1,8 @@
 //! The system's configuration: [`MemoryOptimizationConfig`],
-//! [`TrainingMemoryConfig`] and [`RunConfig`] in one [`SystemConfig`],
-//! resolved from defaults, a TOML file, `GM_*` environment variables and
-//! command-line flags, in that order (a later layer wins), and validated.
+//! [`TrainingMemoryConfig`], [`RunConfig`] and [`ShardConfig`] in one
+//! [`SystemConfig`], resolved from defaults, a TOML file, `GM_*`
+//! environment variables and command-line flags, in that order (a later
+//! layer wins), and validated.
 //!
 //! # Keys
 //!
@@ -41,11 +42,17 @@
 //! | `run.data` | none | a CSV file of bars (empty = the synthetic market) |
 //! | `run.out` | none | the output directory (empty = `runs/<timestamp>`) |
 //! | `run.metrics_addr` | none | `127.0.0.1:PORT` (empty = no endpoint) |
+//! | `run.ranks` | 1 | 1 ..= 1024 data-parallel ranks (flag `--ranks`; > 1 needs the `mpi` build and `mpirun -n N`; not saved in a run's `config.toml`) |
+//! | `shard.stage` | 2 | 1 (optimizer state sharded) or 2 (also the reduced gradient) |
+//! | `shard.timeout_secs` | 120 | 1 ..= 86400 (every collective's bound; must cover rank 0's step planning and checkpoint writes) |
+//! | `shard.max_shard_bytes` | 100 MB | ≥ 8 (largest shard, in bytes of optimizer state: 8 per parameter) |
+//! | `shard.rebalance_hot_fraction` | 0.25 | 0 ..= 10 (a rank whose RSS is this fraction above the ranks' median at a checkpoint sheds optimizer shards; 0: any rank above the median) |
 //!
 //! The file is strict: a key the table does not have, or a value of the
 //! wrong type, is an error naming the key. Environment variables are
 //! strict within the configuration's prefixes (`GM_MEMORY_`,
-//! `GM_TRAINING_`, `GM_RUN_`): a misspelt one is an error, not ignored.
+//! `GM_TRAINING_`, `GM_RUN_`, `GM_SHARD_`): a misspelt one is an error, not
+//! ignored.
 //! `GM_CONFIG` names a config file when `--config` is not given.
 
 use std::collections::BTreeMap;
@@ -219,6 +226,12 @@ pub struct RunConfig {
     pub out: Option<PathBuf>,
     /// Serve Prometheus metrics at this loopback address.
     pub metrics_addr: Option<SocketAddr>,
+    /// Data-parallel ranks (processes of one `mpirun` job). Default 1:
+    /// one process, no MPI. More than one needs the `mpi` build and
+    /// `mpirun -n <ranks>`; the `[shard]` section configures them. A
+    /// launch setting: a run's saved `config.toml` leaves it out, so a
+    /// run can be resumed with another number of ranks.
+    pub ranks: usize,
 }
 
 impl Default for RunConfig {
@@ -236,6 +249,53 @@ impl Default for RunConfig {
             data: None,
             out: None,
             metrics_addr: None,
+            ranks: 1,
+        }
+    }
+}
+
+/// Data-parallel (ZeRO) training across ranks (`run.ranks > 1`): gm-train's
+/// `ZeroConfig` and the group's collectives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardConfig {
+    /// What is partitioned across the ranks: stage 1 the AdamW moments,
+    /// stage 2 also the reduced gradient. Default stage 2.
+    pub stage: gm_shard::ZeroStage,
+    /// Bound of every collective: a rank missing for this long breaks the
+    /// group (every rank stops with an error). It must cover what rank 0
+    /// does while the others wait: planning the step at the start and
+    /// writing each checkpoint. Default 120 s.
+    pub timeout: Duration,
+    /// Largest shard of optimizer state (8 bytes per parameter: AdamW's
+    /// `m` and `v` in f32); larger tensors are cut into element ranges.
+    /// Default 100 MB (10^8 bytes).
+    pub max_shard_bytes: u64,
+    /// At each periodic checkpoint, a rank whose RSS exceeds the ranks'
+    /// median by more than this fraction is hot: the shard plan is redone
+    /// with a smaller optimizer-state budget for it, and shards move off
+    /// it. Default 0.25.
+    pub rebalance_hot_fraction: f64,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            stage: gm_shard::ZeroStage::Stage2,
+            timeout: Duration::from_secs(120),
+            max_shard_bytes: 100_000_000,
+            rebalance_hot_fraction: 0.25,
+        }
+    }
+}
+
+impl ShardConfig {
+    /// The stage as a number (1 or 2; 0 for stage 0, which the
+    /// configuration never holds).
+    pub fn stage_number(&self) -> u8 {
+        match self.stage {
+            gm_shard::ZeroStage::Stage0 => 0,
+            gm_shard::ZeroStage::Stage1 => 1,
+            gm_shard::ZeroStage::Stage2 => 2,
         }
     }
 }
@@ -249,6 +309,8 @@ pub struct SystemConfig {
     pub training: TrainingMemoryConfig,
     /// `[run]`.
     pub run: RunConfig,
+    /// `[shard]`.
+    pub shard: ShardConfig,
 }
 
 /// Where a resolved value came from.
@@ -694,6 +756,55 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    Key {
+        name: "run.ranks",
+        allowed: "an integer in 1 ..= 1024 (more than 1: the mpi build under mpirun -n N)",
+        get: |c| c.run.ranks.to_string(),
+        set: |c, r| {
+            c.run.ranks = parse_u64(r)? as usize;
+            Ok(())
+        },
+    },
+    Key {
+        name: "shard.stage",
+        allowed: "1 (optimizer state sharded) or 2 (optimizer state and gradients sharded)",
+        get: |c| c.shard.stage_number().to_string(),
+        set: |c, r| {
+            c.shard.stage = match parse_u64(r)? {
+                1 => gm_shard::ZeroStage::Stage1,
+                2 => gm_shard::ZeroStage::Stage2,
+                _ => return Err("1 or 2".into()),
+            };
+            Ok(())
+        },
+    },
+    Key {
+        name: "shard.timeout_secs",
+        allowed: "seconds in 1 ..= 86400",
+        get: |c| secs(c.shard.timeout),
+        set: |c, r| {
+            c.shard.timeout = parse_secs(r, 1.0, 86_400.0)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "shard.max_shard_bytes",
+        allowed: "a byte count >= 8 (one parameter's optimizer state): an integer or a size such as \"100MB\"",
+        get: |c| size(c.shard.max_shard_bytes),
+        set: |c, r| {
+            c.shard.max_shard_bytes = parse_bytes(r)?;
+            Ok(())
+        },
+    },
+    Key {
+        name: "shard.rebalance_hot_fraction",
+        allowed: "a fraction in 0 ..= 10 (0: any rank above the median RSS is hot)",
+        get: |c| c.shard.rebalance_hot_fraction.to_string(),
+        set: |c, r| {
+            c.shard.rebalance_hot_fraction = parse_f64(r)?;
+            Ok(())
+        },
+    },
 ];
 
 /// The key called `name`.
@@ -752,6 +863,11 @@ impl Resolved {
             String::from("# written by grandmodel: the resolved configuration of this run\n");
         let mut section = "";
         for k in KEYS {
+            if k.name == "run.ranks" {
+                // A launch setting, not part of the run: a resumed run
+                // may use another number of ranks.
+                continue;
+            }
             let (sec, name) = k.name.split_once('.').unwrap_or(("", k.name));
             if sec != section {
                 out.push_str(&format!("\n[{sec}]\n"));
@@ -761,6 +877,7 @@ impl Resolved {
             let v = match k.name {
                 "memory.limit_bytes" => c.memory.limit_bytes.to_string(),
                 "memory.buffer_limit_bytes" => c.memory.buffer_limit_bytes.to_string(),
+                "shard.max_shard_bytes" => c.shard.max_shard_bytes.to_string(),
                 "run.model" => format!("{:?}", c.run.model.to_string()),
                 "run.data" => format!(
                     "{:?}",
@@ -879,7 +996,7 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
                     key: section.clone(),
                     origin: origin.to_string(),
                     known: format!(
-                        "the sections [memory], [training], [run] with the keys {}",
+                        "the sections [memory], [training], [run], [shard] with the keys {}",
                         known_keys()
                     ),
                 });
@@ -893,7 +1010,7 @@ pub fn resolve(layers: &Layers) -> Result<Resolved> {
     let mut env: Vec<&(String, String)> = layers.env.iter().collect();
     env.sort();
     for (var, value) in env {
-        if !["GM_MEMORY_", "GM_TRAINING_", "GM_RUN_"]
+        if !["GM_MEMORY_", "GM_TRAINING_", "GM_RUN_", "GM_SHARD_"]
             .iter()
             .any(|p| var.starts_with(p))
         {
@@ -1012,8 +1129,27 @@ pub fn validate(r: &Resolved) -> Result<()> {
     if run.log_every_steps == 0 {
         return Err(bad("run.log_every_steps", "at least 1".into()));
     }
+    if !(1..=MAX_RANKS).contains(&run.ranks) {
+        return Err(bad("run.ranks", format!("1 ..= {MAX_RANKS}")));
+    }
+    let s = &c.shard;
+    if s.max_shard_bytes < 8 {
+        return Err(bad(
+            "shard.max_shard_bytes",
+            "at least 8 bytes (one parameter's AdamW m and v in f32)".into(),
+        ));
+    }
+    if !(0.0..=10.0).contains(&s.rebalance_hot_fraction) {
+        return Err(bad(
+            "shard.rebalance_hot_fraction",
+            "a fraction in 0 ..= 10".into(),
+        ));
+    }
     Ok(())
 }
+
+/// Most data-parallel ranks (`run.ranks`).
+pub const MAX_RANKS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -1183,5 +1319,115 @@ mod tests {
             ..Layers::default()
         });
         assert!(e.contains("cannot read config file"), "{e}");
+    }
+
+    #[test]
+    fn ranks_and_the_shard_section_resolve_with_origins() {
+        let r = resolve(&Layers::default()).unwrap();
+        assert_eq!(r.config.run.ranks, 1);
+        assert_eq!(r.config.shard, ShardConfig::default());
+        assert_eq!(r.config.shard.stage, gm_shard::ZeroStage::Stage2);
+        assert_eq!(r.config.shard.timeout, Duration::from_secs(120));
+        assert_eq!(r.config.shard.max_shard_bytes, 100_000_000);
+        assert_eq!(r.config.shard.rebalance_hot_fraction, 0.25);
+
+        let f = file("[shard]\nstage = 1\nmax_shard_bytes = \"1MB\"\n[run]\nranks = 3\n");
+        let r = resolve(&Layers {
+            file: Some(f.path().to_owned()),
+            env: vec![
+                ("GM_RUN_RANKS".into(), "4".into()),
+                ("GM_SHARD_TIMEOUT_SECS".into(), "30".into()),
+            ],
+            flags: vec![
+                ("--ranks".into(), "run.ranks".into(), "2".into()),
+                (
+                    "--set".into(),
+                    "shard.rebalance_hot_fraction".into(),
+                    "0".into(),
+                ),
+            ],
+            ..Layers::default()
+        })
+        .unwrap();
+        let c = &r.config;
+        assert_eq!(c.run.ranks, 2);
+        assert_eq!(*r.origin("run.ranks"), Origin::Flag("--ranks".into()));
+        assert_eq!(c.shard.stage, gm_shard::ZeroStage::Stage1);
+        assert_eq!(c.shard.max_shard_bytes, 1_000_000);
+        assert_eq!(c.shard.timeout, Duration::from_secs(30));
+        assert_eq!(
+            *r.origin("shard.timeout_secs"),
+            Origin::Env("GM_SHARD_TIMEOUT_SECS".into())
+        );
+        assert_eq!(c.shard.rebalance_hot_fraction, 0.0);
+        let shown = r.show();
+        assert!(
+            shown.contains("run.ranks") && shown.contains("flag --ranks"),
+            "{shown}"
+        );
+        assert!(shown.contains("shard.stage"), "{shown}");
+
+        // The saved TOML keeps the shard section and leaves the rank count
+        // to each launch.
+        let toml = r.to_toml();
+        assert!(
+            toml.contains("[shard]") && toml.contains("stage = 1"),
+            "{toml}"
+        );
+        assert!(!toml.contains("ranks"), "{toml}");
+        let f = file(&toml);
+        let again = resolve(&Layers {
+            file: Some(f.path().to_owned()),
+            ..Layers::default()
+        })
+        .unwrap();
+        assert_eq!(again.config.shard, c.shard);
+        assert_eq!(again.config.run.ranks, 1);
+    }
+
+    #[test]
+    fn bad_ranks_and_shard_values_are_errors_naming_the_key() {
+        let err = |name: &str, value: &str| {
+            resolve(&Layers {
+                flags: vec![("--set".into(), name.into(), value.into())],
+                ..Layers::default()
+            })
+            .unwrap_err()
+        };
+        for (k, v, allowed) in [
+            ("run.ranks", "0", "1 ..= 1024"),
+            ("run.ranks", "1025", "1 ..= 1024"),
+            ("run.ranks", "two", "1 ..= 1024"),
+            ("shard.stage", "3", "1 (optimizer state sharded) or 2"),
+            ("shard.stage", "0", "1 (optimizer state sharded) or 2"),
+            ("shard.timeout_secs", "0", "1 ..= 86400"),
+            ("shard.max_shard_bytes", "4", "at least 8 bytes"),
+            ("shard.rebalance_hot_fraction", "-0.1", "0 ..= 10"),
+            ("shard.rebalance_hot_fraction", "11", "0 ..= 10"),
+        ] {
+            let e = err(k, v);
+            assert_eq!(e.exit_code(), crate::exit::CONFIG, "{e}");
+            let text = e.to_string();
+            assert!(text.contains(&format!("{k} = ")), "{text}");
+            assert!(text.contains(allowed), "{k}={v}: {text}");
+        }
+        let e = resolve(&Layers {
+            env: vec![("GM_SHARD_STAGES".into(), "1".into())],
+            ..Layers::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("GM_SHARD_STAGES") && e.contains("GM_SHARD_STAGE"),
+            "{e}"
+        );
+        let f = file("[shards]\nstage = 1\n");
+        let e = resolve(&Layers {
+            file: Some(f.path().to_owned()),
+            ..Layers::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("shards.stage"), "{e}");
     }
 }

@@ -11,7 +11,12 @@
 //! | 5 | a data file that cannot be used: malformed CSV, too few bars |
 //! | 6 | a checkpoint or saved buffer that is missing, corrupt or does not match the run |
 //! | 7 | the memory limit is too small for the run, or was exceeded |
+//! | 8 | data-parallel training cannot start or its group failed: `--ranks N` > 1 in a build without the `mpi` feature, not launched by `mpirun`, `mpirun -n` ≠ `--ranks`, MPI unavailable, or a rank that left or did not answer within `shard.timeout_secs` |
 //! | 130 | interrupted (Ctrl-C): a checkpoint was written; continue with `--resume` |
+//!
+//! In data-parallel mode every rank exits with the code of the failure
+//! (a rank stopped by another rank's failure exits with that rank's code),
+//! and `mpirun` passes it on.
 
 use std::path::PathBuf;
 
@@ -36,6 +41,8 @@ pub mod exit {
     pub const CHECKPOINT: i32 = 6;
     /// The memory limit is too small, or was exceeded.
     pub const MEMORY: i32 = 7;
+    /// Data-parallel training cannot start, or its group failed.
+    pub const PARALLEL: i32 = 8;
     /// Interrupted by Ctrl-C after writing a checkpoint.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -174,6 +181,41 @@ pub enum Error {
         /// The backend's message.
         reason: String,
     },
+    /// `run.ranks > 1` in a program built without the `mpi` feature.
+    #[error("run.ranks = {ranks} needs the MPI build of grandmodel: build it with `cargo build --release -p gm-system --features mpi` (Open MPI and libclang-dev installed) and launch `mpirun -n {ranks} target/release/grandmodel train --ranks {ranks}`")]
+    MpiNotBuilt {
+        /// The ranks asked for.
+        ranks: usize,
+    },
+    /// `run.ranks > 1` but the process was not started by `mpirun`.
+    #[error("run.ranks = {ranks} but this process was not started by mpirun: launch `mpirun -n {ranks} grandmodel train --ranks {ranks}` (as root add --allow-run-as-root, with more ranks than cores --oversubscribe)")]
+    NotLaunchedByMpirun {
+        /// The ranks asked for.
+        ranks: usize,
+    },
+    /// `mpirun` started another number of processes than `run.ranks`.
+    #[error("run.ranks = {ranks} but mpirun started {world} process(es): pass the same number to `mpirun -n` and `--ranks` (mpirun -n {world} grandmodel train --ranks {world})")]
+    WorldMismatch {
+        /// The ranks asked for.
+        ranks: usize,
+        /// The processes of the `mpirun` job.
+        world: usize,
+    },
+    /// The data-parallel group could not be set up or a collective failed
+    /// (MPI unavailable, a rank left or did not answer in time).
+    #[error("data-parallel group: {0}")]
+    Shard(#[from] gm_shard::Error),
+    /// Another rank of the data-parallel group failed; its error is on its
+    /// own stderr line. Exits with that rank's code.
+    #[error("rank {rank} failed {during} (exit code {code}); its error is reported by that rank")]
+    PeerFailed {
+        /// The first rank that failed.
+        rank: usize,
+        /// Its exit code.
+        code: i32,
+        /// When, in words ("while loading the data", …).
+        during: &'static str,
+    },
     /// A thread could not be started.
     #[error("cannot start thread {name}: {source}")]
     Spawn {
@@ -200,6 +242,12 @@ impl Error {
             Error::Train(gm_train::Error::BudgetTooSmall { .. }) => exit::MEMORY,
             Error::Train(gm_train::Error::Checkpoint { .. }) => exit::CHECKPOINT,
             Error::Train(gm_train::Error::Config { .. }) => exit::CONFIG,
+            Error::MpiNotBuilt { .. }
+            | Error::NotLaunchedByMpirun { .. }
+            | Error::WorldMismatch { .. }
+            | Error::Shard(_)
+            | Error::Train(gm_train::Error::Shard(_)) => exit::PARALLEL,
+            Error::PeerFailed { code, .. } => *code,
             _ => exit::FAILURE,
         }
     }

@@ -2,10 +2,11 @@
 //! together, and the `grandmodel` program.
 //!
 //! # Key types
-//! - [`SystemConfig`]: [`MemoryOptimizationConfig`], [`TrainingMemoryConfig`]
-//!   and [`RunConfig`], resolved by [`config::resolve`] from defaults, a
-//!   TOML file, `GM_*` environment variables and flags, each value with its
-//!   [`Origin`]; the key table is in the [`config`] module docs.
+//! - [`SystemConfig`]: [`MemoryOptimizationConfig`], [`TrainingMemoryConfig`],
+//!   [`RunConfig`] and [`ShardConfig`], resolved by [`config::resolve`] from
+//!   defaults, a TOML file, `GM_*` environment variables and flags, each
+//!   value with its [`Origin`]; the key table is in the [`config`] module
+//!   docs.
 //! - [`MemoryOptimizationSystem`]: gm-monitor's sampler, gm-gc's reclaimer
 //!   and a gm-leak leak watch under one budget, with the reactions that
 //!   turn alerts into actions; the system is the guard that stops and joins
@@ -13,7 +14,10 @@
 //!   plans batch, accumulation, checkpointing and precision from measured
 //!   peaks; [`MemoryOptimizationSystem::report`] gives a [`SystemReport`].
 //! - [`train::run`]: the `grandmodel train` run (data, learner, progress,
-//!   Ctrl-C checkpoint, evaluation, report files).
+//!   Ctrl-C checkpoint, evaluation, report files); [`train::run_parallel`]
+//!   is one rank of a data-parallel (ZeRO) run over a gm-shard
+//!   `Communicator`, and [`parallel::Group`] joins an `mpirun` job
+//!   (feature `mpi`).
 //! - [`inspect::inspect_buffer`]: `grandmodel buffer inspect`.
 //! - [`bench::write_report`]: `grandmodel report` (baseline vs optimized
 //!   per component, measured).
@@ -35,6 +39,7 @@ pub mod config;
 pub mod error;
 pub mod inspect;
 mod leakwatch;
+pub mod parallel;
 pub mod pipeline;
 pub mod proc;
 pub mod report;
@@ -42,7 +47,7 @@ pub mod system;
 pub mod train;
 
 pub use config::{
-    MemoryOptimizationConfig, ModelSize, Origin, Resolved, RunConfig, SystemConfig,
+    MemoryOptimizationConfig, ModelSize, Origin, Resolved, RunConfig, ShardConfig, SystemConfig,
     TrainingMemoryConfig,
 };
 pub use error::{exit, Error, Result};

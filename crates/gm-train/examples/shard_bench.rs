@@ -13,10 +13,11 @@
 //! Under mpirun, every rank builds the same agent (seeded), takes its
 //! contiguous share of one fixed global batch of real market observations,
 //! and runs `--steps` timed ZeRO steps after one warm-up step
-//! (`TrainStep::grads` on its rows, `ZeroOptimizer::step`). Before each
-//! step the ranks meet at a barrier, timed apart as `wait` (one rank
-//! finishing its backward pass later than another is load imbalance, not
-//! communication); `comm` is the time inside the ZeRO step's collectives.
+//! (`TrainStep::grads` on its rows, `ZeroOptimizer::step`). Between the
+//! backward pass and the ZeRO step the ranks meet at a barrier, timed apart
+//! as `wait` (one rank finishing its backward pass later than another is
+//! load imbalance — here, ranks sharing cores — not communication); `comm`
+//! is the time inside the ZeRO step's collectives once all have arrived.
 //! Rank 0 then repeats the same steps in one process on the whole batch
 //! (`TrainStep::step` with `AdamW`) and reports the largest parameter
 //! difference. Dropout is off so both compute the same function.
@@ -348,9 +349,11 @@ fn rank_main(a: &Args) -> Result<()> {
         (Duration::ZERO, Duration::ZERO, Duration::ZERO, 0u64);
     for k in 0..=a.steps {
         let t0 = Instant::now();
-        zero.comm().barrier()?;
-        let waited = t0.elapsed();
         let g = ts.grads(&net, &vm, &td, k as u64)?;
+        // ranks that finished their backward pass early wait here
+        let tb = Instant::now();
+        zero.comm().barrier()?;
+        let waited = tb.elapsed();
         let out = zero.step(&g.grads, weight, g.loss_scale, ts.cfg.max_grad_norm)?;
         if !out.stepped {
             bail!("rank {rank}: step {k} was skipped (non-finite gradients)");

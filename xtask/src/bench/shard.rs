@@ -109,8 +109,9 @@ pub(crate) fn render(v: &Value) -> String {
          under `mpirun` on this machine (ranks beyond the cores are oversubscribed). \
          *Optimizer state* is what each rank holds of AdamW's moments (the largest rank; \
          the ZeRO formula is `8Ψ/N` bytes for f32 moments); *in collectives* is the time \
-         inside the step's reduce and all-gather, *waiting* the barrier before each step \
-         (ranks finishing their backward pass at different times), both as a fraction of \
+         inside the step's reduce and all-gather once every rank has arrived, *waiting* a \
+         barrier between the backward pass and the ZeRO step (ranks finishing their \
+         backward pass at different times: load imbalance, here ranks sharing cores), both as a fraction of \
          the slowest rank's step time. *Parity* is the largest |Δw| between rank 0's \
          parameters and one process stepping the whole batch.\n\n\
          | ranks | optimizer state / rank | ZeRO formula | gradient buffer / rank | step ms | in collectives | waiting | sent / rank / step | parity max abs diff |\n\
