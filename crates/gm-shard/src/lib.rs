@@ -19,12 +19,14 @@
 //!   call bounded by a timeout. Three backends:
 //!   - [`ThreadGroup`] / [`ThreadComm`]: ranks as threads of one process;
 //!   - `MpiComm` (feature `mpi`): one rank per process of an `mpirun` job,
-//!     over `MPI_COMM_WORLD`, with `launched_by_mpirun` and
-//!     `mpirun_command` (the one way tests, benches and docs launch jobs:
-//!     `mpirun -n N [--allow-run-as-root] --oversubscribe PROGRAM`);
+//!     over `MPI_COMM_WORLD`;
 //!   - `NcclComm` (feature `cuda`): one rank per CUDA device through
 //!     cudarc's NCCL, several devices in one process or, with `mpi` too,
 //!     one per MPI process (`NcclComm::from_mpi`).
+//! - [`mpirun_command`], [`launched_by_mpirun`], [`run_job`]: the one way
+//!   tests, benches and docs launch jobs (`mpirun -n N
+//!   [--allow-run-as-root] --oversubscribe PROGRAM`), and a runner that
+//!   kills a job at a deadline instead of hanging (no MPI needed to build).
 //!
 //! # Invariants
 //! - Plans are deterministic: the same tensors (in any order) and config
@@ -66,6 +68,7 @@
 mod check;
 mod comm;
 mod error;
+mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "cuda")]
@@ -78,8 +81,9 @@ mod zero;
 
 pub use comm::{Communicator, Op};
 pub use error::{Error, Result};
+pub use launch::{launched_by_mpirun, mpirun_command, run_job, JobOutput};
 #[cfg(feature = "mpi")]
-pub use mpi::{launched_by_mpirun, mpirun_command, MpiComm};
+pub use mpi::MpiComm;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclComm;
 pub use plan::{plan, Piece, PlanConfig, Shard, ShardPlan, TensorSpec, MAX_RANKS};

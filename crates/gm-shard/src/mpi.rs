@@ -1,6 +1,5 @@
-//! The MPI backend: [`MpiComm`], one rank per process of an `mpirun` job,
-//! and the helpers that launch such a job the same way everywhere
-//! ([`mpirun_command`], [`launched_by_mpirun`]).
+//! The MPI backend: [`MpiComm`], one rank per process of an `mpirun` job
+//! (launched the same way everywhere with [`crate::mpirun_command`]).
 //!
 //! # How a collective runs
 //! 1. **Header exchange** (point-to-point, `MPI_Isend`/`MPI_Irecv` with
@@ -47,8 +46,6 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void};
 use std::fmt;
 use std::mem::ManuallyDrop;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BACKEND: &str = "mpi";
@@ -60,53 +57,6 @@ const HEADER_TAG: c_int = 0x4753;
 /// The most elements one buffer may have in one MPI call: MPI counts and
 /// displacements are C `int`s.
 pub(crate) const MAX_ELEMENTS: usize = i32::MAX as usize;
-
-/// True when this process was started by an MPI launcher (`mpirun`,
-/// `mpiexec`, `srun` with PMI/PMIx): one of `OMPI_COMM_WORLD_SIZE`,
-/// `PMI_SIZE`, `PMIX_RANK` is set. Tests and programs use it to decide
-/// between running as a rank and relaunching themselves with
-/// [`mpirun_command`].
-pub fn launched_by_mpirun() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some())
-}
-
-/// The command that runs `program` as `ranks` MPI ranks on this machine,
-/// the one way tests, benches and the CLI docs launch MPI jobs:
-///
-/// `mpirun -n RANKS [--allow-run-as-root] --oversubscribe PROGRAM`
-///
-/// - `--allow-run-as-root` only when the effective user is root
-///   (containers; Open MPI refuses root otherwise);
-/// - `--oversubscribe`: more ranks than cores is fine (tests on 2 cores).
-///
-/// Add the program's arguments with [`Command::arg`]. Open MPI syntax; the
-/// `mpirun` on `PATH` is used, and the environment is passed on, so any
-/// `OMPI_MCA_*` variable applies. In particular, where the shared-memory
-/// transport's single-copy path (Linux CMA) is refused, which shows as
-/// `Read -1, expected …, errno = 1` on messages over 4 KiB (containers
-/// whose seccomp profile denies `process_vm_readv`), set
-/// `OMPI_MCA_btl_vader_single_copy_mechanism=none`. It is not set here:
-/// in the development container (root, `CAP_SYS_PTRACE`) CMA works
-/// (verified with 4 MiB buffers) and is faster.
-pub fn mpirun_command(ranks: usize, program: &Path) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.arg("-n").arg(ranks.to_string());
-    if effective_uid() == Some(0) {
-        cmd.arg("--allow-run-as-root");
-    }
-    cmd.arg("--oversubscribe").arg(program);
-    cmd
-}
-
-/// This process's effective user id, from `/proc/self/status` (`None` where
-/// that is unreadable).
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
 
 /// One rank of the `MPI_COMM_WORLD` of an `mpirun` job.
 ///

@@ -14,9 +14,8 @@
 //! unless `GM_SKIP_MPI=1`.
 
 use gm_shard::{launched_by_mpirun, mpirun_command, Communicator, Error, MpiComm, Op};
-use std::io::{ErrorKind, Read};
-use std::process::{Child, ExitCode, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::io::ErrorKind;
+use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const SCENARIO: &str = "--gm-mpi-scenario";
@@ -144,104 +143,16 @@ fn run_job(ranks: usize, scenario: &str) -> Result<Job, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut cmd = mpirun_command(ranks, &exe);
     cmd.args([SCENARIO, scenario])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("spawning {cmd:?}: {e}"))?;
-    let (tx, rx) = mpsc::channel();
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        // Detached on purpose: a reader ends when the job's last process
-        // closes the pipe; the test never waits for it past the deadline.
-        std::thread::spawn(move || {
-            let mut pipe = pipe;
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            let _ = tx.send(s);
-        });
-    }
-    drop(tx);
-    let status = wait_until(&mut child, start + JOB_DEADLINE);
-    let elapsed = start.elapsed();
-    let mut output = String::new();
-    for _ in 0..2 {
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(s) => output.push_str(&s),
-            Err(_) => output.push_str("\n[output pipe still open: a rank outlived mpirun]\n"),
-        }
-    }
+    let job =
+        gm_shard::run_job(&mut cmd, JOB_DEADLINE).map_err(|e| format!("spawning {cmd:?}: {e}"))?;
+    let (status, elapsed, output) = (job.status, job.elapsed, job.stdout + &job.stderr);
     Ok(Job {
         status,
         elapsed,
         output,
     })
-}
-
-/// Waits for `child` (mpirun) until `deadline`. Past it, asks mpirun to
-/// end the job (SIGTERM), then kills mpirun and its ranks by id (each rank
-/// has its own process group) and returns `None`.
-fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let ranks = children_of(child.id());
-            signal("-TERM", child.id());
-            let grace = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            for pid in ranks {
-                signal("-KILL", pid);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The ids of the processes whose parent is `pid` (from `/proc/*/stat`).
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-        let ppid: u32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        (ppid == pid).then_some(child)
-    })
-    .collect()
-}
-
-fn signal(sig: &str, pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
 }
 
 fn describe(job: &Job) -> String {

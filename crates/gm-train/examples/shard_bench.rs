@@ -37,6 +37,10 @@ use gm_train::{
 };
 use serde_json::{json, Map, Value};
 
+/// A job still running after this is killed (a hung rank must not hang
+/// the bench).
+const JOB_DEADLINE: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, Clone)]
 struct Args {
     ranks: Vec<usize>,
@@ -131,15 +135,16 @@ fn parent(a: &Args) -> Result<()> {
         let mut cmd = gm_shard::mpirun_command(n, &exe);
         cmd.args(child_args(a));
         eprintln!("==> {n} rank(s): {cmd:?}");
-        let out = cmd
-            .stderr(std::process::Stdio::inherit())
-            .output()
+        cmd.stdout(std::process::Stdio::piped());
+        let out = gm_shard::run_job(&mut cmd, JOB_DEADLINE)
             .with_context(|| format!("running mpirun (is Open MPI installed?) for {n} ranks"))?;
-        if !out.status.success() {
-            bail!("the {n}-rank run failed ({})", out.status);
+        match out.status {
+            None => bail!("the {n}-rank run passed {JOB_DEADLINE:?} and was killed"),
+            Some(s) if !s.success() => bail!("the {n}-rank run failed ({s})"),
+            Some(_) => {}
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let obj = text
+        let obj = out
+            .stdout
             .lines()
             .rev()
             .find_map(|l| match serde_json::from_str::<Value>(l.trim()) {

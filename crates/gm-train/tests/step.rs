@@ -13,50 +13,18 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gm_market::OBS_DIM;
 use gm_models::init::init_seeded;
 use gm_train::checkpoint::{agent_plain_grads, CheckpointConfig, SegmentDropout};
 use gm_train::{
-    AdamW, AdamWConfig, AgentConfig, AgentNet, Grads, LossScaler, LossScalerConfig, ObsBatch,
-    Precision, StepConfig, TdBatch, TrainStep,
+    AdamW, AdamWConfig, AgentConfig, AgentNet, Grads, LossScaler, LossScalerConfig, Precision,
+    StepConfig, TdBatch, TrainStep,
 };
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::Data;
 
 const B: usize = 8;
 const F32_TOL: f64 = 1e-5;
-
-struct Data {
-    obs: ObsBatch,
-    actions: Vec<u32>,
-    targets: Vec<f32>,
-    weights: Vec<f32>,
-}
-
-impl Data {
-    fn new(seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let obs: Vec<f32> = (0..B * OBS_DIM)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        Self {
-            obs: ObsBatch::from_flat(&obs, B, &Device::Cpu).unwrap(),
-            actions: (0..B).map(|_| rng.random_range(0..3u32)).collect(),
-            // Some |δ| above κ = 1 (linear part) and some below.
-            targets: (0..B).map(|i| if i % 3 == 0 { 3.0 } else { 0.2 }).collect(),
-            weights: (0..B).map(|_| rng.random_range(0.2f32..1.0)).collect(),
-        }
-    }
-
-    fn batch(&self) -> TdBatch<'_> {
-        TdBatch {
-            obs: &self.obs,
-            actions: &self.actions,
-            targets: &self.targets,
-            weights: Some(&self.weights),
-        }
-    }
-}
 
 /// The tiny agent's master map (seeded) and its f32 network.
 fn agent() -> (VarMap, AgentNet) {
@@ -163,7 +131,7 @@ fn grads(
 #[test]
 fn the_plain_step_differentiates_the_weighted_huber_loss() {
     let (vm, net) = agent();
-    let d = Data::new(1);
+    let d = Data::new(1, B);
     let step = TrainStep::new(cfg(None, Precision::F32, None, false), AgentConfig::tiny()).unwrap();
     let ours = grads(&step, &net, &vm, &d, 0);
     // The same loss as a tensor expression, differentiated by candle.
@@ -217,7 +185,7 @@ fn the_plain_step_differentiates_the_weighted_huber_loss() {
 #[test]
 fn every_f32_combination_gives_the_plain_steps_gradients() {
     let (vm, net) = agent();
-    let d = Data::new(2);
+    let d = Data::new(2, B);
     let tiny = AgentConfig::tiny;
     for dropout in [false, true] {
         for micro in [None, Some(3), Some(4)] {
@@ -265,7 +233,7 @@ fn every_f32_combination_gives_the_plain_steps_gradients() {
 #[test]
 fn bf16_and_f16_combinations_match_f32_within_tolerance() {
     let (vm, net) = agent();
-    let d = Data::new(3);
+    let d = Data::new(3, B);
     let tiny = AgentConfig::tiny;
     let reference = TrainStep::new(cfg(None, Precision::F32, None, false), tiny()).unwrap();
     let want = grads(&reference, &net, &vm, &d, 0);
@@ -305,7 +273,7 @@ fn weights_of(vm: &VarMap) -> Vec<(String, Vec<f64>)> {
 
 #[test]
 fn the_update_is_adamw_on_the_clipped_gradients_whatever_the_techniques() {
-    let d = Data::new(4);
+    let d = Data::new(4, B);
     let opt_cfg = AdamWConfig {
         lr: 1e-3,
         ..AdamWConfig::default()
@@ -357,7 +325,7 @@ fn the_update_is_adamw_on_the_clipped_gradients_whatever_the_techniques() {
 #[test]
 fn an_f16_overflow_skips_the_update_and_backs_off() {
     let (vm, net) = agent();
-    let d = Data::new(5);
+    let d = Data::new(5, B);
     let before = weights_of(&vm);
     let mut opt = AdamW::new(AdamWConfig::default(), Grads::empty(&vm).unwrap().len()).unwrap();
     let mut step = TrainStep::new(
@@ -389,7 +357,7 @@ fn an_f16_overflow_skips_the_update_and_backs_off() {
 #[test]
 fn bad_batches_and_configs_are_errors() {
     let (vm, net) = agent();
-    let d = Data::new(6);
+    let d = Data::new(6, B);
     let step = TrainStep::new(StepConfig::default(), AgentConfig::tiny()).unwrap();
     let short = &d.targets[..B - 1];
     let bad_action: Vec<u32> = (0..B as u32).map(|i| i % 4).collect();
@@ -449,7 +417,7 @@ fn bad_batches_and_configs_are_errors() {
 /// micro-batch; one row that does not fit is a typed error.
 #[test]
 fn an_out_of_memory_step_halves_the_micro_batch_and_retries_the_same_batch() {
-    let d = Data::new(6);
+    let d = Data::new(6, B);
     let opt_cfg = AdamWConfig::default();
     let plain = cfg(None, Precision::F32, None, false);
     let run = |inject: Option<usize>| {

@@ -15,57 +15,24 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
-use gm_market::OBS_DIM;
 use gm_models::init::init_seeded;
 use gm_shard::{zero_memory, AdamPrecision, Communicator, ThreadComm, ThreadGroup, ZeroStage};
 use gm_train::step::narrow_obs;
 use gm_train::{
-    AdamW, AdamWConfig, AgentConfig, AgentNet, Error, Grads, ObsBatch, StepConfig, TdBatch,
-    TopKAmount, TrainStep, ZeroConfig, ZeroOptimizer, ZeroOutcome,
+    AdamW, AdamWConfig, AgentConfig, AgentNet, Error, Grads, StepConfig, TdBatch, TopKAmount,
+    TrainStep, ZeroConfig, ZeroOptimizer, ZeroOutcome,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::Data;
 
 const LONG: Duration = Duration::from_secs(120);
 /// Small shards so the tiny agent splits into many (512 parameters each).
 const SHARD: u64 = 8 * 512;
 
 type Values = Vec<(String, Vec<f32>)>;
-
-struct Data {
-    obs: ObsBatch,
-    actions: Vec<u32>,
-    targets: Vec<f32>,
-    weights: Vec<f32>,
-}
-
-impl Data {
-    fn new(seed: u64, b: usize) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let obs: Vec<f32> = (0..b * OBS_DIM)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        Self {
-            obs: ObsBatch::from_flat(&obs, b, &Device::Cpu).unwrap(),
-            actions: (0..b).map(|_| rng.random_range(0..3u32)).collect(),
-            targets: (0..b).map(|i| if i % 3 == 0 { 3.0 } else { 0.2 }).collect(),
-            weights: (0..b).map(|_| rng.random_range(0.2f32..1.0)).collect(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.actions.len()
-    }
-
-    fn batch(&self) -> TdBatch<'_> {
-        TdBatch {
-            obs: &self.obs,
-            actions: &self.actions,
-            targets: &self.targets,
-            weights: Some(&self.weights),
-        }
-    }
-}
 
 /// Rows `start .. start + rows` of `d`.
 fn slice_grads(

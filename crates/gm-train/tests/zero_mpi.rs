@@ -17,24 +17,25 @@
 //! `mpirun` missing from `PATH` is a failure unless `GM_SKIP_MPI=1`.
 //! Run: `cargo test -p gm-train --features mpi --test zero_mpi`.
 
-use std::io::{ErrorKind, Read};
-use std::process::{Child, ExitCode, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::io::ErrorKind;
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use gm_market::OBS_DIM;
 use gm_models::init::init_seeded;
-use gm_shard::{launched_by_mpirun, mpirun_command, Communicator, MpiComm, ZeroStage};
+use gm_shard::{launched_by_mpirun, mpirun_command, run_job, Communicator, MpiComm, ZeroStage};
 use gm_train::step::narrow_obs;
 use gm_train::{
-    AdamW, AdamWConfig, AgentConfig, AgentNet, Grads, ObsBatch, StepConfig, TdBatch, TrainStep,
-    ZeroConfig, ZeroOptimizer,
+    AdamW, AdamWConfig, AgentConfig, AgentNet, Grads, StepConfig, TdBatch, TrainStep, ZeroConfig,
+    ZeroOptimizer,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::Data;
 
 /// The longest one job may run.
 const JOB_DEADLINE: Duration = Duration::from_secs(180);
@@ -144,48 +145,13 @@ fn parent_main() -> ExitCode {
 fn job(n: usize) -> Result<Vec<(String, Vec<u64>)>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut cmd = mpirun_command(n, &exe);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("spawning {cmd:?}: {e}"))?;
-    let (tx, rx) = mpsc::channel();
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        // Detached on purpose: a reader ends when the job's last process
-        // closes the pipe; the test never waits for it past the deadline.
-        std::thread::spawn(move || {
-            let mut pipe = pipe;
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            let _ = tx.send(s);
-        });
-    }
-    drop(tx);
-    let status = wait_until(&mut child, start + JOB_DEADLINE);
-    let mut output = String::new();
-    for _ in 0..2 {
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(s) => output.push_str(&s),
-            Err(_) => output.push_str("\n[output pipe still open: a rank outlived mpirun]\n"),
-        }
-    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let job = run_job(&mut cmd, JOB_DEADLINE).map_err(|e| format!("spawning {cmd:?}: {e}"))?;
+    let (status, output) = (job.status, job.stdout + &job.stderr);
     let describe = |what: &str| {
         format!(
             "{what}: status {status:?} after {:.2?}\n--- output ---\n{output}",
-            start.elapsed()
+            job.elapsed
         )
     };
     match status {
@@ -223,95 +189,10 @@ fn job(n: usize) -> Result<Vec<(String, Vec<u64>)>, String> {
     Ok(stats)
 }
 
-/// Waits for `child` (mpirun) until `deadline`. Past it, asks mpirun to
-/// end the job (SIGTERM), then kills mpirun and its ranks by id and returns
-/// `None`.
-fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let ranks = children_of(child.id());
-            signal("-TERM", child.id());
-            let grace = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            for pid in ranks {
-                signal("-KILL", pid);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The ids of the processes whose parent is `pid` (from `/proc/*/stat`).
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let child: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
-        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-        let ppid: u32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        (ppid == pid).then_some(child)
-    })
-    .collect()
-}
-
-fn signal(sig: &str, pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
 // ---------------------------------------------------------------------------
 // One rank.
 
 type Values = Vec<(String, Vec<f32>)>;
-
-struct Data {
-    obs: ObsBatch,
-    actions: Vec<u32>,
-    targets: Vec<f32>,
-    weights: Vec<f32>,
-}
-
-impl Data {
-    fn new(seed: u64, b: usize) -> Result<Self> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let obs: Vec<f32> = (0..b * OBS_DIM)
-            .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect();
-        Ok(Self {
-            obs: ObsBatch::from_flat(&obs, b, &Device::Cpu)?,
-            actions: (0..b).map(|_| rng.random_range(0..3u32)).collect(),
-            targets: (0..b).map(|i| if i % 3 == 0 { 3.0 } else { 0.2 }).collect(),
-            weights: (0..b).map(|_| rng.random_range(0.2f32..1.0)).collect(),
-        })
-    }
-
-    fn batch(&self) -> TdBatch<'_> {
-        TdBatch {
-            obs: &self.obs,
-            actions: &self.actions,
-            targets: &self.targets,
-            weights: Some(&self.weights),
-        }
-    }
-}
 
 fn values(vm: &VarMap) -> Result<Values> {
     let data = vm.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -399,7 +280,7 @@ fn moments(t: &[Option<Tensor>]) -> Result<Vec<Vec<f32>>> {
 fn rank_main() -> Result<ExitCode> {
     let comm = MpiComm::init(COMM_TIMEOUT).context("MpiComm::init")?;
     let (rank, world) = (comm.rank(), comm.world());
-    let d = Data::new(1, B)?;
+    let d = Data::new(1, B);
     let (plain, plain_opt) = reference(&d, None)?;
     let (accum, _) = reference(&d, Some(B.div_ceil(world)))?;
     let rows = B / world + usize::from(rank < B % world);

@@ -1,15 +1,18 @@
-//! Fixtures shared by the learner's integration tests (`resume.rs`,
-//! `learner_step.rs`): the same small synchronous run and bit-level views
-//! of its tensors.
+//! Fixtures shared by gm-train's integration tests: the same small
+//! synchronous learner run and bit-level views of its tensors (`resume.rs`,
+//! `learner_step.rs`, `learner_dp.rs`), and a random TD batch (`step.rs`,
+//! `zero.rs`, `zero_mpi.rs`).
 #![allow(dead_code)] // each test crate uses a subset
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use gm_buffers::{BufferConfig, StorageMode};
-use gm_market::{EnvConfig, GeneratorConfig, MarketData, PipelineConfig};
-use gm_train::LearnerConfig;
+use gm_market::{EnvConfig, GeneratorConfig, MarketData, PipelineConfig, OBS_DIM};
+use gm_train::{LearnerConfig, ObsBatch, TdBatch};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// 2 000 bars of the default synthetic market (generator seed 11), built
 /// once per test binary.
@@ -82,4 +85,42 @@ pub fn tensor_values(t: &Tensor) -> Vec<f32> {
 /// A tensor's values as bits, flattened.
 pub fn tensor_bits(t: &Tensor) -> Vec<u32> {
     tensor_values(t).into_iter().map(f32::to_bits).collect()
+}
+
+/// A random TD batch of `b` rows (observations in [−1, 1), actions,
+/// targets with some |δ| above κ = 1 and some below, importance weights),
+/// the same for the same seed: the fixture of the step and ZeRO tests.
+pub struct Data {
+    pub obs: ObsBatch,
+    pub actions: Vec<u32>,
+    pub targets: Vec<f32>,
+    pub weights: Vec<f32>,
+}
+
+impl Data {
+    pub fn new(seed: u64, b: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let obs: Vec<f32> = (0..b * OBS_DIM)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        Self {
+            obs: ObsBatch::from_flat(&obs, b, &Device::Cpu).expect("observation batch"),
+            actions: (0..b).map(|_| rng.random_range(0..3u32)).collect(),
+            targets: (0..b).map(|i| if i % 3 == 0 { 3.0 } else { 0.2 }).collect(),
+            weights: (0..b).map(|_| rng.random_range(0.2f32..1.0)).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    pub fn batch(&self) -> TdBatch<'_> {
+        TdBatch {
+            obs: &self.obs,
+            actions: &self.actions,
+            targets: &self.targets,
+            weights: Some(&self.weights),
+        }
+    }
 }
