@@ -80,7 +80,7 @@
 //! | `target.safetensors` | the target network |
 //! | `optimizer.safetensors` | AdamW moments: `m/<variable>` and `v/<variable>` (variables that never had a gradient have none) |
 //! | `replay.gmr` | the prioritized buffer with its priorities and β position (gm-buffers `save`) |
-//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), the live batch size, the f16 loss scaler's state, fingerprints of the config (the step's techniques included) and data, in data-parallel mode `world` and `rank`, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
+//! | `manifest.json` | format (`gm-train-learner`) and version (1), step counters (the transition counter is the ε position), AdamW's step, RNG states (ChaCha8 seed, stream, word position), in synchronous mode the actions of the current episode round (from which the environments and n-step tracks are rebuilt exactly), the live batch size, the f16 loss scaler's state, the rows per micro-batch when an out-of-memory retry shrank them, fingerprints of the config (the step's techniques included) and data, in data-parallel mode `world` and `rank`, and the size and CRC-32 of every other file; its own body is covered by a CRC-32 too |
 //!
 //! Everything is written into a fresh sibling directory
 //! (`.<name>.tmp-<pid>-<nanos>`), every file and then the directory are
@@ -762,6 +762,13 @@ impl Nets {
             &dir.join(persist::OPTIMIZER),
         )?;
         nets.opt.step = body.optimizer_step;
+        if let Some(m) = body.micro_batch {
+            if m == 0 {
+                return Err(persist::corrupt(dir, "micro_batch 0 in the manifest"));
+            }
+            // An out-of-memory retry had shrunk it: continue with it.
+            nets.step.cfg.micro_batch = Some(m);
+        }
         match (&mut nets.step.precision.scaler, &body.loss_scaler) {
             (Some(s), Some(saved)) => *s = saved.clone(),
             (None, None) => {}
@@ -1254,6 +1261,14 @@ impl Learner {
         &self.nets.step
     }
 
+    /// The configured training step, mutable: e.g. to rehearse the
+    /// out-of-memory path with [`TrainStep::inject_oom_above_rows`]. A
+    /// micro-batch an out-of-memory retry shrank is saved in checkpoints
+    /// and restored on resume.
+    pub fn train_step_mut(&mut self) -> &mut TrainStep {
+        &mut self.nets.step
+    }
+
     /// The counters.
     pub fn counters(&self) -> LearnerCounters {
         let mut c = self.counters;
@@ -1648,6 +1663,12 @@ impl Learner {
             learner_rng: RngState::of(&self.rng),
             batch_size: Some(self.batch_size),
             loss_scaler: self.nets.step.precision.scaler.clone(),
+            micro_batch: self
+                .nets
+                .step
+                .cfg
+                .micro_batch
+                .filter(|_| self.nets.step.cfg.micro_batch != self.cfg.step.micro_batch),
             actor,
             fingerprint: self.cfg.fingerprint(&self.data),
             world: dp.map(|d| d.1),

@@ -168,6 +168,38 @@ fn a_resumed_synchronous_run_is_bit_identical_to_an_uninterrupted_one() -> anyho
     Ok(())
 }
 
+/// An out-of-memory retry that shrank the micro-batch (injected: batches of
+/// 8 rows "fit" only 2 at a time) is part of the saved state: the resumed
+/// run steps with the shrunk micro-batch and stays bit-identical.
+#[test]
+fn a_micro_batch_shrunk_by_out_of_memory_survives_a_resume() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let oom = |l: &mut Learner| l.train_step_mut().inject_oom_above_rows(Some(2));
+    let mut straight = Learner::new(config(), data())?;
+    oom(&mut straight);
+    straight.train(N + M)?;
+    assert_eq!(straight.train_step().cfg.micro_batch, Some(2));
+    assert!(straight.train_step().oom_retries >= 2);
+
+    let mut first = Learner::new(config(), data())?;
+    oom(&mut first);
+    first.train(N)?;
+    let ck = tmp.path().join("ck");
+    first.save_checkpoint(&ck)?;
+    drop(first);
+    // No injection after the resume: the saved micro-batch alone must
+    // reproduce the uninterrupted run's summation order.
+    let mut resumed = Learner::resume(config(), data(), &ck)?;
+    assert_eq!(resumed.train_step().cfg.micro_batch, Some(2));
+    resumed.train(M)?;
+    assert_eq!(
+        difference(&state(&resumed), &state(&straight)),
+        None,
+        "resumed run == uninterrupted run"
+    );
+    Ok(())
+}
+
 #[test]
 fn saving_over_a_checkpoint_replaces_it_and_leaves_no_temporary_files() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;

@@ -198,6 +198,11 @@ pub(crate) struct Body {
     /// The f16 loss scaler's state (absent for f32/bf16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<LossScaler>,
+    /// Rows per micro-batch when a device out-of-memory made the step
+    /// halve it ([`TrainStep::grads_retrying`](crate::TrainStep::grads_retrying));
+    /// absent while the step runs with the config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<usize>,
     pub actor: Option<ActorState>,
     pub fingerprint: Fingerprint,
     /// Data-parallel runs: the number of ranks that wrote the checkpoint
