@@ -256,7 +256,9 @@ pub struct ParallelSummary {
     pub stage: u8,
     /// Ψ, the online network's parameters.
     pub params: u64,
-    /// Largest shard, bytes of optimizer state.
+    /// Largest shard the plan allowed, bytes of optimizer state: the
+    /// configured `shard.max_shard_bytes`, or less for a model too small to
+    /// split over the ranks at that size (`gm_train::zero::shard_bytes`).
     pub max_shard_bytes: u64,
     /// Shards in the plan.
     pub shards: usize,
@@ -1244,7 +1246,7 @@ fn run_inner(
                     ranks: world,
                     stage: cfg.shard.stage_number(),
                     params,
-                    max_shard_bytes: cfg.shard.max_shard_bytes,
+                    max_shard_bytes: z.plan().max_shard_bytes(),
                     shards: z.plan().shards().len(),
                     plan_state_bytes: z.plan().rank_bytes().to_vec(),
                     zero_formula: formula,
