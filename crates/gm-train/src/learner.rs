@@ -762,13 +762,6 @@ impl Nets {
             &dir.join(persist::OPTIMIZER),
         )?;
         nets.opt.step = body.optimizer_step;
-        if let Some(m) = body.micro_batch {
-            if m == 0 {
-                return Err(persist::corrupt(dir, "micro_batch 0 in the manifest"));
-            }
-            // An out-of-memory retry had shrunk it: continue with it.
-            nets.step.cfg.micro_batch = Some(m);
-        }
         match (&mut nets.step.precision.scaler, &body.loss_scaler) {
             (Some(s), Some(saved)) => *s = saved.clone(),
             (None, None) => {}
@@ -796,37 +789,34 @@ impl Nets {
     /// it is loaded with the full state of `self.opt` (read from the
     /// checkpoint) and the target network is kept; a new run's target
     /// restarts from the broadcast weights.
-    fn shard(&mut self, cfg: &LearnerConfig, dp: DataParallel, resumed: bool) -> Result<()> {
+    ///
+    /// Returns the sharded optimizer (to be put into `self.zero` once the
+    /// group has agreed that every rank is built, see
+    /// [`Learner::finish_group`]) and the result of this rank's local part
+    /// (loading the state, copying the target): only the outer error is
+    /// the same on every rank.
+    fn shard(
+        &mut self,
+        cfg: &LearnerConfig,
+        dp: DataParallel,
+        resumed: bool,
+    ) -> Result<(ZeroOptimizer, Result<()>)> {
         let n = self.opt.m.len();
         let full = std::mem::replace(&mut self.opt, AdamW::new(cfg.optimizer, n)?);
         let mut zero = ZeroOptimizer::new(dp.comm, &self.online_vm, cfg.optimizer, dp.zero)?;
-        if resumed {
-            zero.load_state(&full)?;
+        let local = if resumed {
+            zero.load_state(&full)
         } else {
-            copy_vars(&self.online_vm, &self.target_vm, None)?;
-        }
+            copy_vars(&self.online_vm, &self.target_vm, None)
+        };
         self.opt.step = zero.steps();
-        self.zero = Some(zero);
-        Ok(())
+        Ok((zero, local))
     }
 
-    /// One Double-DQN update on `batch` through the configured
-    /// [`TrainStep`]; returns the statistics and the new priorities `|δ|`
-    /// (`None` when an f16 update was skipped and a TD error is not
-    /// finite: the sampled transitions keep their priorities). `seed` is
-    /// the rank's seed (the config's in a single process; it draws the
-    /// dropout masks). In data-parallel mode the gradient of this rank's
-    /// mean loss enters the sharded step with `weight` (its rows over the
-    /// global batch), which reduces, clips and applies it on all ranks.
-    fn update(
-        &mut self,
-        cfg: &LearnerConfig,
-        batch: &Batch,
-        update_index: u64,
-        device: &Device,
-        seed: u64,
-        weight: f64,
-    ) -> Result<(UpdateStats, Option<Vec<f32>>)> {
+    /// The TD batch of a sampled replay batch: observations, actions and
+    /// Double-DQN targets (`a*` from the online network, its value from the
+    /// target network).
+    fn td_batch(&self, batch: &Batch, device: &Device) -> Result<(ObsBatch, Vec<u32>, Vec<f64>)> {
         let b = batch.len();
         let obs = ObsBatch::from_parts(
             batch.get::<f32>(names::STRUCTURE)?,
@@ -848,7 +838,6 @@ impl Nets {
         let rewards = batch.get::<f32>(names::REWARD)?;
         let dones = batch.get::<bool>(names::DONE)?;
         let discounts = batch.get::<f32>(names::DISCOUNT)?;
-        let weights = batch.weights();
 
         // Targets: a* from the online network, its value from the target.
         let a_star = self
@@ -877,23 +866,70 @@ impl Nets {
             .map(|&a| u32::try_from(a).map_err(|_| Error::config("action", a, "an index >= 0")))
             .collect::<Result<Vec<u32>>>()?;
 
-        // Loss, backward (with the configured techniques), clip and AdamW.
-        let td = TdBatch {
-            obs: &obs,
-            actions: &idx,
-            targets: &y,
-            weights: Some(weights),
-        };
+        Ok((obs, idx, y))
+    }
+
+    /// A data-parallel rank that cannot take part in an update with
+    /// gradients joins its collectives with none (see
+    /// [`ZeroOptimizer::step_failed`]); returns the error to report.
+    fn fail_update(&mut self, e: Error) -> Error {
+        match &mut self.zero {
+            Some(z) => z.step_failed(e),
+            None => e,
+        }
+    }
+
+    /// One Double-DQN update on `batch` through the configured
+    /// [`TrainStep`]; returns the statistics and the new priorities `|δ|`
+    /// (`None` when an f16 update was skipped and a TD error is not
+    /// finite: the sampled transitions keep their priorities). `seed` is
+    /// the rank's seed (the config's in a single process; it draws the
+    /// dropout masks). In data-parallel mode the gradient of this rank's
+    /// mean loss enters the sharded step with `weight` (its rows over the
+    /// global batch), which reduces, clips and applies it on all ranks.
+    fn update(
+        &mut self,
+        cfg: &LearnerConfig,
+        batch: &Batch,
+        update_index: u64,
+        device: &Device,
+        seed: u64,
+        weight: f64,
+    ) -> Result<(UpdateStats, Option<Vec<f32>>)> {
+        let b = batch.len();
+        let td = self.td_batch(batch, device);
+        let weights = batch.weights();
         let seed = mix(seed ^ 0xD0_0D, update_index);
         let out = match &mut self.zero {
-            None => self
-                .step
-                .step(&self.online, &self.online_vm, &mut self.opt, &td, seed)?,
+            None => {
+                let (obs, idx, y) = td?;
+                let td = TdBatch {
+                    obs: &obs,
+                    actions: &idx,
+                    targets: &y,
+                    weights: Some(weights),
+                };
+                self.step
+                    .step(&self.online, &self.online_vm, &mut self.opt, &td, seed)?
+            }
             Some(zero) => {
                 // Local: an out-of-memory retry on one rank needs no peer.
-                let g = self
-                    .step
-                    .grads_retrying(&self.online, &self.online_vm, &td, seed)?;
+                // A rank that cannot compute its gradients still joins the
+                // step's collectives, so the group fails together.
+                let g = td.and_then(|(obs, idx, y)| {
+                    let td = TdBatch {
+                        obs: &obs,
+                        actions: &idx,
+                        targets: &y,
+                        weights: Some(weights),
+                    };
+                    self.step
+                        .grads_retrying(&self.online, &self.online_vm, &td, seed)
+                });
+                let g = match g {
+                    Ok(g) => g,
+                    Err(e) => return Err(zero.step_failed(e)),
+                };
                 let z = zero.step(&g.grads, weight, g.loss_scale, self.step.cfg.max_grad_norm)?;
                 // The same skip semantics as `TrainStep::apply`.
                 if let Some(s) = &mut self.step.precision.scaler {
@@ -1419,7 +1455,9 @@ impl Learner {
                     }
                 };
                 let update = if ready {
-                    self.replay.sample_into(&mut s.batch, rows, &mut self.rng)?;
+                    if let Err(e) = self.replay.sample_into(&mut s.batch, rows, &mut self.rng) {
+                        return Err(self.nets.fail_update(e.into()));
+                    }
                     let (stats, prio) = self.nets.update(
                         &self.cfg,
                         &s.batch,
@@ -1742,11 +1780,19 @@ impl Learner {
         cfg: LearnerConfig,
         data: Arc<MarketData>,
         device: Device,
-        nets: Nets,
+        mut nets: Nets,
         body: &Body,
         dir: &Path,
         rank_seed: u64,
     ) -> Result<Self> {
+        if let Some(m) = body.micro_batch {
+            if m == 0 {
+                return Err(persist::corrupt(dir, "micro_batch 0 in the manifest"));
+            }
+            // An out-of-memory retry on this rank had shrunk it: continue
+            // with it (each rank's own manifest says its own).
+            nets.step.cfg.micro_batch = Some(m);
+        }
         let batch_size = body.batch_size.unwrap_or(cfg.batch_size);
         cfg.check_batch_size("batch_size (checkpoint)", batch_size)?;
         let buffer = PrioritizedReplayBuffer::load(dir.join(persist::REPLAY))
@@ -1809,17 +1855,20 @@ impl Learner {
             .and_then(|()| Nets::new(&cfg, &device));
         let crc = cfg.group_crc32(&data);
         let mut nets = Self::join_group(&*dp.comm, prepared, crc, 0)?;
-        nets.shard(&cfg, dp, false)?;
+        let (zero, local) = nets.shard(&cfg, dp, false)?;
         let seed = parallel::rank_seed(cfg.seed, rank);
-        Self::fresh(
-            cfg,
-            data,
-            device,
-            nets,
-            seed,
-            seed,
-            LearnerCounters::default(),
-        )
+        let built = local.and_then(|()| {
+            Self::fresh(
+                cfg,
+                data,
+                device,
+                nets,
+                seed,
+                seed,
+                LearnerCounters::default(),
+            )
+        });
+        Self::finish_group(zero, built, crc, 0)
     }
 
     /// Resumes a checkpoint in `dir` as rank `dp.comm.rank()` of a
@@ -1854,10 +1903,27 @@ impl Learner {
         let step = prepared.as_ref().map_or(0, |(b, _)| b.step);
         let crc = cfg.group_crc32(&data);
         let (body, mut nets) = Self::join_group(&*dp.comm, prepared, crc, step)?;
-        nets.shard(&cfg, dp, true)?;
+        let (zero, local) = nets.shard(&cfg, dp, true)?;
+        let built =
+            local.and_then(|()| Self::restore_rank(cfg, data, device, nets, &body, dir, rank));
+        Self::finish_group(zero, built, crc, step)
+    }
+
+    /// The rank-local part of [`resume_data_parallel`](Self::resume_data_parallel):
+    /// rank 0 restores `dir` (manifest `body`), rank `r > 0` its
+    /// `rank-<r>` directory or, failing that, starts fresh.
+    fn restore_rank(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        device: Device,
+        nets: Nets,
+        body: &Body,
+        dir: &Path,
+        rank: usize,
+    ) -> Result<Self> {
         let rank_seed = parallel::rank_seed(cfg.seed, rank);
         if rank == 0 {
-            return Self::restore(cfg, data, device, nets, &body, dir, rank_seed);
+            return Self::restore(cfg, data, device, nets, body, dir, rank_seed);
         }
         let own = persist::rank_dir(dir, rank);
         let mine = persist::read_checkpoint(&own, persist::RANK_FILES).and_then(|b| {
@@ -1920,6 +1986,24 @@ impl Learner {
             ));
         }
         Ok(())
+    }
+
+    /// The last collective of building a data-parallel learner: every rank
+    /// reports whether its rank-local construction (`built`: replay,
+    /// actors, restored state) succeeded, so a failure on one rank fails
+    /// every rank here, at once, instead of leaving the others waiting in
+    /// the first step's collective until the timeout. `zero` (taken out of
+    /// the nets while they were built) carries the communicator and goes
+    /// back into the learner.
+    fn finish_group(
+        zero: ZeroOptimizer,
+        built: Result<Self>,
+        config_crc32: u32,
+        step: u64,
+    ) -> Result<Self> {
+        let mut learner = Self::join_group(zero.comm(), built, config_crc32, step)?;
+        learner.nets.zero = Some(zero);
+        Ok(learner)
     }
 
     /// The collective check before the ranks build their sharded

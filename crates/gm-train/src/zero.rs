@@ -960,24 +960,47 @@ impl ZeroOptimizer {
         max_grad_norm: Option<f64>,
     ) -> Result<ZeroOutcome> {
         let mut t = Duration::ZERO;
-        let out = self.step_inner(grads, weight, loss_scale, max_grad_norm, &mut t);
+        let out = self.step_inner(Ok(grads), weight, loss_scale, max_grad_norm, &mut t);
         self.add_comm_time(t);
         out
     }
 
+    /// Collective: this rank could not compute its gradients for this
+    /// step (`err`: e.g. a failed sample, or a device out of memory even
+    /// at one row per micro-batch). It still joins the step's collectives,
+    /// contributing nothing, so every rank returns an error at this same
+    /// step — this rank `err`, the others one naming this rank — instead of
+    /// the others waiting in the reduce until the timeout. Nothing is
+    /// updated and the group stays usable. Returns the error for this
+    /// rank to report: `err`, or the collective's own error when the group
+    /// failed too.
+    pub fn step_failed(&mut self, err: Error) -> Error {
+        let mut t = Duration::ZERO;
+        let out = self.step_inner(Err(err), 1.0, 1.0, None, &mut t);
+        self.add_comm_time(t);
+        match out {
+            Err(e) => e,
+            Ok(_) => Error::Stopped("a failed rank's ZeRO step reported success".into()),
+        }
+    }
+
     fn step_inner(
         &mut self,
-        grads: &Grads,
+        grads: Result<&Grads>,
         weight: f64,
         loss_scale: f64,
         max_grad_norm: Option<f64>,
         t: &mut Duration,
     ) -> Result<ZeroOutcome> {
         let (rank, world, n_vars) = (self.rank(), self.world(), self.names.len());
-        let mut local_err = self
-            .check_step(grads, weight, loss_scale, max_grad_norm)
-            .err();
-        let valid = local_err.is_none().then_some(grads);
+        let (grads, mut local_err) = match grads {
+            Ok(g) => (
+                Some(g),
+                self.check_step(g, weight, loss_scale, max_grad_norm).err(),
+            ),
+            Err(e) => (None, Some(e)),
+        };
+        let valid = grads.filter(|_| local_err.is_none());
         // Weighting and unscaling in one multiply (exact for power-of-two
         // loss scales).
         let scale = if valid.is_some() {
@@ -1015,8 +1038,8 @@ impl ZeroOptimizer {
         if !bad.is_empty() {
             return Err(Error::config(
                 "peer input",
-                format!("ranks {bad:?} passed invalid gradients or arguments"),
-                "valid input on every rank (see the error on those ranks); nothing was updated",
+                format!("ranks {bad:?} had no valid gradients for this step (bad input, or their gradient computation failed)"),
+                "valid gradients on every rank (see the error on those ranks); nothing was updated",
             ));
         }
         self.grad_buffer_len = reduced.buf.len();

@@ -376,6 +376,46 @@ fn a_rank_that_leaves_makes_the_others_fail_instead_of_hang() -> anyhow::Result<
     Ok(())
 }
 
+/// A rank that cannot compute its gradients (here: out of memory even at
+/// one row, injected) still joins the step's collectives: every rank
+/// fails at that same step, at once — not after the 120 s timeout — and
+/// the group stays usable (the next step on the healthy ranks is a
+/// collective error too, not a hang).
+#[test]
+fn a_rank_whose_update_fails_fails_the_group_at_that_step_not_at_the_timeout() -> anyhow::Result<()>
+{
+    let start = std::time::Instant::now();
+    let out = ThreadGroup::run(2, TIMEOUT, |c| {
+        let rank = c.rank();
+        let mut l =
+            Learner::new_data_parallel(config(), data(), dp(c, ZeroStage::Stage2)).expect("built");
+        if rank == 1 {
+            l.train_step_mut().inject_oom_above_rows(Some(0));
+        }
+        let err = (0..40).find_map(|_| l.step().err());
+        (err, l.counters())
+    })?;
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "the healthy rank waited {:?}",
+        start.elapsed()
+    );
+    let (e1, c1) = &out[1];
+    assert!(
+        e1.as_ref().is_some_and(|e| e.is_out_of_memory()),
+        "rank 1 reports its own error: {e1:?}"
+    );
+    let (e0, c0) = &out[0];
+    let e0 = e0.as_ref().expect("rank 0 fails too");
+    assert!(
+        e0.to_string().contains("ranks [1]"),
+        "rank 0's error names rank 1: {e0}"
+    );
+    assert_eq!(c0.step, c1.step, "both failed at the same step");
+    assert_eq!(c0.updates, 0, "nothing was updated");
+    Ok(())
+}
+
 #[test]
 fn bad_setups_are_refused_on_every_rank() -> anyhow::Result<()> {
     let threaded = LearnerConfig {
