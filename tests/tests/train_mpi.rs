@@ -129,6 +129,57 @@ fn mpirun_available() -> bool {
     );
 }
 
+/// A job still running after this fails the test (and is killed) instead
+/// of hanging CI.
+const JOB_DEADLINE: Duration = Duration::from_secs(300);
+
+/// `Command::output` with [`JOB_DEADLINE`] (gm-shard's `run_job`).
+trait OutputWithin {
+    fn output_within(&mut self) -> Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self) -> Result<Output> {
+        self.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let j = gm_system::parallel::run_job(self, JOB_DEADLINE)?;
+        let status = j.status.with_context(|| {
+            format!(
+                "{self:?} ran past {JOB_DEADLINE:?} and was killed\nstdout:\n{}\nstderr:\n{}",
+                j.stdout, j.stderr
+            )
+        })?;
+        Ok(Output {
+            status,
+            stdout: j.stdout.into_bytes(),
+            stderr: j.stderr.into_bytes(),
+        })
+    }
+}
+
+/// Waits for `child` at most [`JOB_DEADLINE`] from now, killing it past
+/// that; its stderr (piped) is collected.
+fn wait_within(child: &mut std::process::Child) -> Result<(std::process::ExitStatus, String)> {
+    let mut err = child.stderr.take().context("piped stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    let end = Instant::now() + JOB_DEADLINE;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the job ran past {JOB_DEADLINE:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok((status, reader.join().unwrap_or_default()))
+}
+
 /// Reads `child`'s stdout lines into a channel.
 fn stdout_lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
@@ -176,7 +227,7 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
             &["--ranks", "2", "--set", "run.checkpoint_every_steps=60"],
         ),
     )
-    .output()?;
+    .output_within()?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("| held-out policy |"), "{}", text(&o));
@@ -227,7 +278,8 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
     let t_dp = t0.elapsed();
 
     // 2. One plain process continues it (no mpirun).
-    let o = grandmodel(&["train", "--resume", dps, "--ranks", "1", "--steps", "140"]).output()?;
+    let o = grandmodel(&["train", "--resume", dps, "--ranks", "1", "--steps", "140"])
+        .output_within()?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r1 = report(&dp)?;
     assert_eq!(r1["summary"]["steps"], 140);
@@ -276,7 +328,7 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
             "shard.rebalance_hot_fraction=0",
         ],
     )
-    .output()?;
+    .output_within()?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r2 = report(&dp)?;
     assert_eq!(r2["summary"]["steps"], 160);
@@ -314,9 +366,8 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
         .args(["-USR1", &child.id().to_string()])
         .status()?;
     assert!(status.success());
-    let o = child.wait_with_output()?;
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(130), "{err}");
+    let (status, err) = wait_within(&mut child)?;
+    assert_eq!(status.code(), Some(130), "{err}");
     let k: u64 = err
         .split("interrupted at step ")
         .nth(1)
@@ -335,7 +386,7 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
             "train", "--ranks", "2", "--resume", stops, "--steps", &total,
         ],
     )
-    .output()?;
+    .output_within()?;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(report(&stop)?["summary"]["steps"].as_u64(), Some(k + 10));
     eprintln!(

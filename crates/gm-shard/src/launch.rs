@@ -11,15 +11,41 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Environment variables in which MPI launchers give the job's size.
+const WORLD_SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"];
+/// Environment variables in which MPI launchers give this process's rank.
+const RANK_VARS: [&str; 3] = ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"];
+
 /// True when this process was started by an MPI launcher (`mpirun`,
 /// `mpiexec`, `srun` with PMI/PMIx): one of `OMPI_COMM_WORLD_SIZE`,
-/// `PMI_SIZE`, `PMIX_RANK` is set. Tests and programs use it to decide
-/// between running as a rank and relaunching themselves with
-/// [`mpirun_command`].
+/// `PMI_SIZE`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK` is set.
+/// Tests and programs use it to decide between running as a rank and
+/// relaunching themselves with [`mpirun_command`].
 pub fn launched_by_mpirun() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+    WORLD_SIZE_VARS
         .iter()
+        .chain(&RANK_VARS)
         .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The number of processes of the MPI job this process belongs to, from
+/// the launcher's environment (`OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`), before
+/// MPI is initialized; `None` when no launcher set one (not launched by
+/// one, or a PMIx-only launcher: then only `MPI_Comm_size` knows).
+pub fn launcher_world_size() -> Option<usize> {
+    env_number(&WORLD_SIZE_VARS)
+}
+
+/// This process's rank in its MPI job, from the launcher's environment
+/// (`OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK`), before MPI is
+/// initialized.
+pub fn launcher_rank() -> Option<usize> {
+    env_number(&RANK_VARS)
+}
+
+fn env_number(vars: &[&str]) -> Option<usize> {
+    vars.iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
 
 /// The command that runs `program` as `ranks` MPI ranks on this machine,

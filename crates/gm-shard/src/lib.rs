@@ -81,7 +81,9 @@ mod zero;
 
 pub use comm::{Communicator, Op};
 pub use error::{Error, Result};
-pub use launch::{launched_by_mpirun, mpirun_command, run_job, JobOutput};
+pub use launch::{
+    launched_by_mpirun, launcher_rank, launcher_world_size, mpirun_command, run_job, JobOutput,
+};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiComm;
 #[cfg(feature = "cuda")]

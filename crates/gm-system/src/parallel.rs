@@ -21,26 +21,12 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 /// How tests, benches and docs launch an `mpirun` job (gm-shard's: the
-/// flags a container needs included).
-#[cfg(feature = "mpi")]
-pub use gm_shard::mpirun_command;
+/// flags a container needs included), and run it with a kill deadline.
+pub use gm_shard::{mpirun_command, run_job};
 
-/// The number of processes of the MPI job this process belongs to, from
-/// the launcher's environment (`OMPI_COMM_WORLD_SIZE`, `PMI_SIZE`); `None`
-/// when it was not started by an MPI launcher.
-pub fn launcher_world_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
-}
-
-/// This process's rank in its MPI job, from the launcher's environment
-/// (`OMPI_COMM_WORLD_RANK`, `PMI_RANK`, `PMIX_RANK`).
-pub fn launcher_rank() -> Option<usize> {
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
-}
+/// The job's size and this process's rank from the MPI launcher's
+/// environment (gm-shard owns the list of variables).
+pub use gm_shard::{launcher_rank, launcher_world_size};
 
 /// This process's end of the data-parallel group: one rank of an `mpirun`
 /// job (gm-shard's `MpiComm`). Dropping it finalizes MPI (a collective
