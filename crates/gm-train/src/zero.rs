@@ -89,7 +89,11 @@
 //! Transient, within one `step`: the packed buffer (4Ψ; for stage 2 it is
 //! dropped as soon as the reduce-scatter returns), the all-gathered
 //! parameters (4Ψ, after the reduced gradient is dropped) and one variable's
-//! copy at a time. The caller's [`Grads`] (the local full gradient the
+//! copy at a time. The backend may add its own copies during a
+//! collective: gm-shard's MPI backend copies the packed buffer into its
+//! in-flight buffer and receives into another of about its size, so over
+//! MPI the reduce briefly holds about 3 × 4Ψ, not 4Ψ (the in-process
+//! backend about 2 × 4Ψ). The caller's [`Grads`] (the local full gradient the
 //! backward pass produced, 4Ψ) is alive during the step: unlike DeepSpeed,
 //! which reduces gradient buckets while the backward pass runs, candle
 //! hands over the whole gradient at once, so stage 2's saving is in what is
