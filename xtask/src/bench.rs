@@ -315,6 +315,62 @@ pub(crate) fn parse_last_json(text: &str) -> Option<serde_json::Map<String, serd
     )
 }
 
+/// `DIR/NAME.json` and `DIR/NAME.md`, with any left from an earlier run
+/// removed (a failed run must not leave stale figures behind).
+pub(crate) fn fresh_outputs(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json_path = dir.join(format!("{name}.json"));
+    let md_path = dir.join(format!("{name}.md"));
+    for stale in [&json_path, &md_path] {
+        if stale.exists() {
+            std::fs::remove_file(stale).with_context(|| format!("removing {}", stale.display()))?;
+        }
+    }
+    Ok((json_path, md_path))
+}
+
+/// Runs `cargo run --release -q -p KRATE [--features F] --example EXAMPLE
+/// [-- ARGS]` with its stderr (progress, tables) shown live, records the
+/// command and its wall time in `info`, and returns the last JSON object
+/// it printed on stdout: how the single-example benches hand over their
+/// figures.
+pub(crate) fn run_example_json(
+    krate: &str,
+    example: &str,
+    features: Option<&str>,
+    args: &[String],
+    info: &mut report::RunInfo,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-q", "-p", krate]);
+    if let Some(f) = features {
+        cmd.args(["--features", f]);
+    }
+    cmd.args(["--example", example]);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    info.commands.push(display_cmd(&cmd));
+    println!("\n==> {krate}: {example}\n$ {}", display_cmd(&cmd));
+    let start = Instant::now();
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {krate} {example}"))?;
+    if !out.status.success() {
+        bail!(
+            "{example} failed ({}; its stderr is above); no report written",
+            out.status
+        );
+    }
+    let Some(obj) = parse_last_json(&String::from_utf8_lossy(&out.stdout)) else {
+        bail!("{example} printed no JSON object on stdout; no report written");
+    };
+    info.notes
+        .push(format!("example wall time {:.0?}", start.elapsed()));
+    Ok(obj)
+}
+
 /// Writes a bench's flat JSON and its markdown report, and prints the
 /// report with where both went.
 pub(crate) fn write_reports(

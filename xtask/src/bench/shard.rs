@@ -9,15 +9,13 @@
 //! libclang to build the `mpi` crate.
 
 use std::path::Path;
-use std::process::Stdio;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::report::RunInfo;
 use super::train::{mib, num, pct};
-use super::{parse_last_json, write_reports};
-use crate::{cargo, display_cmd};
+use super::{fresh_outputs, run_example_json, write_reports};
 
 const CRATE: &str = "gm-train";
 const EXAMPLE: &str = "shard_bench";
@@ -25,52 +23,10 @@ const EXAMPLE: &str = "shard_bench";
 const SEED_COMM_FRACTION: f64 = 0.02;
 
 pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json_path = dir.join("shard.json");
-    let md_path = dir.join("shard.md");
-    for stale in [&json_path, &md_path] {
-        if stale.exists() {
-            std::fs::remove_file(stale).with_context(|| format!("removing {}", stale.display()))?;
-        }
-    }
+    let (json_path, md_path) = fresh_outputs(dir, "shard")?;
     let mut info = RunInfo::collect();
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-q",
-        "-p",
-        CRATE,
-        "--features",
-        "mpi",
-        "--example",
-        EXAMPLE,
-    ]);
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
-    }
-    info.commands.push(display_cmd(&cmd));
-    println!(
-        "\n==> {CRATE}: {EXAMPLE} (under mpirun)\n$ {}",
-        display_cmd(&cmd)
-    );
-    let start = std::time::Instant::now();
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {CRATE} {EXAMPLE}"))?;
-    if !out.status.success() {
-        bail!(
-            "{EXAMPLE} failed ({}; its stderr is above; it needs Open MPI: \
-             apt-get install libopenmpi-dev openmpi-bin libclang-dev); no report written",
-            out.status
-        );
-    }
-    let Some(obj) = parse_last_json(&String::from_utf8_lossy(&out.stdout)) else {
-        bail!("{EXAMPLE} printed no JSON object on stdout; no report written");
-    };
-    info.notes
-        .push(format!("example wall time {:.0?}", start.elapsed()));
+    let obj = run_example_json(CRATE, EXAMPLE, Some("mpi"), args, &mut info)
+        .context("it needs Open MPI (apt-get install libopenmpi-dev openmpi-bin libclang-dev)")?;
     let value = Value::Object(obj);
     let mut md = format!(
         "# gm-shard / gm-train: ZeRO data parallelism over MPI\n\n\

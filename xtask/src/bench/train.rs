@@ -7,14 +7,12 @@
 //! the batch a budget holds, and the replay bytes.
 
 use std::path::Path;
-use std::process::Stdio;
 
-use super::{parse_last_json, write_reports};
-use anyhow::{bail, Context, Result};
+use super::{fresh_outputs, run_example_json, write_reports};
+use anyhow::Result;
 use serde_json::Value;
 
 use super::report::RunInfo;
-use crate::{cargo, display_cmd};
 
 const CRATE: &str = "gm-train";
 const EXAMPLE: &str = "train_memory";
@@ -38,45 +36,14 @@ const CKPT_TIME_MAX: f64 = 1.35;
 const SEED_ALL_PEAK: f64 = 0.51;
 
 pub(crate) fn run(args: &[String], dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json_path = dir.join("train.json");
-    let md_path = dir.join("train.md");
-    for stale in [&json_path, &md_path] {
-        if stale.exists() {
-            std::fs::remove_file(stale).with_context(|| format!("removing {}", stale.display()))?;
-        }
-    }
+    let (json_path, md_path) = fresh_outputs(dir, "train")?;
     let mut info = RunInfo::collect();
     info.commands.push(if args.is_empty() {
         "cargo xtask bench train".into()
     } else {
         format!("cargo xtask bench train {}", args.join(" "))
     });
-    let mut cmd = cargo();
-    cmd.args(["run", "--release", "-q", "-p", CRATE, "--example", EXAMPLE]);
-    if !args.is_empty() {
-        cmd.arg("--").args(args);
-    }
-    info.commands.push(display_cmd(&cmd));
-    println!("\n==> {CRATE}: {EXAMPLE}\n$ {}", display_cmd(&cmd));
-    let start = std::time::Instant::now();
-    // Its progress and table (stderr) show live; the JSON (stdout) is captured.
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {CRATE} {EXAMPLE}"))?;
-    if !out.status.success() {
-        bail!(
-            "{EXAMPLE} failed ({}; its stderr is above); no report written",
-            out.status
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let Some(obj) = parse_last_json(&stdout) else {
-        bail!("{EXAMPLE} printed no JSON object on stdout; no report written");
-    };
-    info.notes
-        .push(format!("example wall time {:.0?}", start.elapsed()));
+    let obj = run_example_json(CRATE, EXAMPLE, None, args, &mut info)?;
     let value = Value::Object(obj);
     let md = render(&value, &info);
     write_reports(&json_path, &md_path, &value, &md)?;
@@ -347,6 +314,6 @@ mod tests {
         assert!(md.contains("not measured (`--skip-budget`)"));
         assert!(md.contains("not measured (`--skip-replay`)"));
         assert!(md.contains("bf16 is slower than f32"));
-        assert!(parse_last_json("x\n{\"a\": 1}\n").is_some());
+        assert!(super::super::parse_last_json("x\n{\"a\": 1}\n").is_some());
     }
 }
