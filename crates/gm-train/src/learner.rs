@@ -1749,7 +1749,7 @@ impl Learner {
     ) -> Result<Self> {
         cfg.validate()?;
         let dir = dir.as_ref();
-        let body = Self::read_main(&cfg, &data, dir)?;
+        let body = Self::read_main(&cfg, &data, dir, persist::MAIN_FILES)?;
         let device = Device::Cpu;
         let nets = Nets::load(&cfg, dir, &body, &device)?;
         let seed = cfg.seed;
@@ -1758,8 +1758,16 @@ impl Learner {
 
     /// Reads and checks the manifest of the checkpoint in `dir` against
     /// `cfg` and `data`.
-    fn read_main(cfg: &LearnerConfig, data: &MarketData, dir: &Path) -> Result<Body> {
-        let body = persist::read_checkpoint(dir, persist::MAIN_FILES)?;
+    /// `files` are the data files this process will read (and so
+    /// verifies): all of them, or, for data-parallel ranks > 0, the shared
+    /// ones ([`persist::SHARED_FILES`]: not rank 0's replay).
+    fn read_main(
+        cfg: &LearnerConfig,
+        data: &MarketData,
+        dir: &Path,
+        files: &[&str],
+    ) -> Result<Body> {
+        let body = persist::read_checkpoint(dir, files)?;
         let want = cfg.fingerprint(data);
         if body.fingerprint != want {
             return Err(persist::corrupt(
@@ -1894,7 +1902,13 @@ impl Learner {
         let (rank, world) = (dp.comm.rank(), dp.comm.world());
         let device = Device::Cpu;
         let prepared = cfg.validate().and_then(|()| {
-            let body = Self::read_main(&cfg, &data, dir)?;
+            // Ranks > 0 never read rank 0's replay: they do not verify it.
+            let files = if rank == 0 {
+                persist::MAIN_FILES
+            } else {
+                persist::SHARED_FILES
+            };
+            let body = Self::read_main(&cfg, &data, dir, files)?;
             let batch = body.batch_size.unwrap_or(cfg.batch_size);
             Self::check_data_parallel(&cfg, world, batch)?;
             let nets = Nets::load(&cfg, dir, &body, &device)?;

@@ -63,6 +63,9 @@ pub(crate) const MANIFEST: &str = "manifest.json";
 pub(crate) const MAIN_FILES: &[&str] = &[ONLINE, TARGET, OPTIMIZER, REPLAY];
 /// The data files of a data-parallel rank's own directory.
 pub(crate) const RANK_FILES: &[&str] = &[REPLAY];
+/// The files of the main directory every data-parallel rank reads (the
+/// networks and the full optimizer state; rank 0 alone reads its replay).
+pub(crate) const SHARED_FILES: &[&str] = &[ONLINE, TARGET, OPTIMIZER];
 
 /// Where rank `rank` (> 0) of a data-parallel run keeps its own state
 /// inside the checkpoint `dir`.
