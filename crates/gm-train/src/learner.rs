@@ -1113,8 +1113,30 @@ impl Learner {
         let replay = SharedReplay::new(buffer);
         let rng = ChaCha8Rng::seed_from_u64(mix(seed, 1));
         let batch_size = cfg.batch_size;
+        Self::assemble(
+            cfg, data, device, nets, replay, rng, counters, batch_size, seed, None, rank_seed,
+        )
+    }
+
+    /// A learner from its parts, with its actors started
+    /// ([`start_mode`](Self::start_mode) with `seed` and `sync_state`):
+    /// what a new and a restored learner share.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: LearnerConfig,
+        data: Arc<MarketData>,
+        device: Device,
+        nets: Nets,
+        replay: SharedReplay<PrioritizedReplayBuffer>,
+        rng: ChaCha8Rng,
+        counters: LearnerCounters,
+        batch_size: usize,
+        seed: u64,
+        sync_state: Option<(&ActorState, &Path)>,
+        rank_seed: u64,
+    ) -> Result<Self> {
         let mode = Self::start_mode(
-            &cfg, &data, &replay, &nets, counters, batch_size, seed, None,
+            &cfg, &data, &replay, &nets, counters, batch_size, seed, sync_state,
         )?;
         Ok(Self {
             cfg,
@@ -1823,24 +1845,12 @@ impl Learner {
             }
             _ => None,
         };
-        let mode = Self::start_mode(
-            &cfg, &data, &replay, &nets, counters, batch_size, cfg.seed, sync_state,
+        let seed = cfg.seed;
+        let l = Self::assemble(
+            cfg, data, device, nets, replay, rng, counters, batch_size, seed, sync_state, rank_seed,
         )?;
         tracing::info!(target: "gm_train", path = %dir.display(), step = counters.step, "checkpoint resumed");
-        Ok(Self {
-            cfg,
-            device,
-            data,
-            nets,
-            replay,
-            rng,
-            counters,
-            batch_size,
-            window: Window::default(),
-            mode,
-            rank_seed,
-            stop_requested: false,
-        })
+        Ok(l)
     }
 
     /// A data-parallel learner: this rank of `dp.comm`'s group, training
