@@ -317,28 +317,34 @@ echo "tests: exit $rc_tests, nccl: exit $rc_nccl, bench: exit $rc_bench"
 exit $((rc_tests != 0 || rc_nccl != 0 || rc_bench != 0))
 "#;
 
-/// Builds the CUDA test binary and the bench (release, `--features cuda`)
-/// into `dir` with `run.sh`.
-fn bundle(dir: &Path) -> Result<()> {
-    println!("==> cuda-check --bundle: building the CUDA tests and the bench (release)");
+/// Builds test target `test` of package `pkg` (release, `--features
+/// cuda`) without running it; returns its executable.
+fn test_executable(pkg: &str, test: &str) -> Result<PathBuf> {
     let stdout = run_capture(&mut cuda_cargo(&[
         "test",
         "--release",
         "-p",
-        "gm-models",
+        pkg,
         "--features",
         "cuda",
         "--test",
-        "cuda",
+        test,
         "--no-run",
         "--message-format=json-render-diagnostics",
     ]))?;
-    let tests = stdout
+    stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cuda")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == test)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the `cuda` test executable")?;
+        .with_context(|| format!("cargo did not report the `{test}` test executable"))
+}
+
+/// Builds the CUDA test binary and the bench (release, `--features cuda`)
+/// into `dir` with `run.sh`.
+fn bundle(dir: &Path) -> Result<()> {
+    println!("==> cuda-check --bundle: building the CUDA tests and the bench (release)");
+    let tests = test_executable("gm-models", "cuda")?;
     run_cmd(&mut cuda_cargo(&[
         "build",
         "--release",
@@ -351,24 +357,7 @@ fn bundle(dir: &Path) -> Result<()> {
         "cuda_attention_bench",
     ]))?;
     let bench = project_root().join("target/release/examples/cuda_attention_bench");
-    let stdout = run_capture(&mut cuda_cargo(&[
-        "test",
-        "--release",
-        "-p",
-        "gm-shard",
-        "--features",
-        "cuda",
-        "--test",
-        "nccl",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-    ]))?;
-    let nccl = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "nccl")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the `nccl` test executable")?;
+    let nccl = test_executable("gm-shard", "nccl")?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut total = 0;
