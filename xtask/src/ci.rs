@@ -46,6 +46,22 @@ const STEPS: &[Step] = &[
     ),
     ("test", &["test", "--workspace"], &[]),
     (
+        "gpu_check on the CPU (the GPU check's out-of-memory twin)",
+        &[
+            "run",
+            "-q",
+            "-p",
+            "gm-train",
+            "--example",
+            "gpu_check",
+            "--",
+            "--device",
+            "cpu",
+            "--quick",
+        ],
+        &[],
+    ),
+    (
         "clippy (gm-shard mpi + cuda)",
         &[
             "clippy",

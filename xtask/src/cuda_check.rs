@@ -8,12 +8,24 @@
 //!   `kernels_compile_to_ptx` test with `--features cuda` (required to pass
 //!   when NVRTC is present), then on a device the parity tests
 //!   (`GM_REQUIRE_CUDA=1`), gm-shard's NCCL collectives test and the bench, whose JSON line goes to
-//!   `target/cuda-check/bench.json`. Without a device it says so and exits 0
-//!   (non-zero with `GM_REQUIRE_CUDA=1`).
+//!   `target/cuda-check/bench.json`, and gm-train's `gpu_check` (the learner
+//!   and the training step on candle's CUDA backend against the CPU, and the
+//!   out-of-memory retry on a really full device; feature `candle-cuda`,
+//!   needs `nvcc`), whose JSON goes to `target/cuda-check/gpu_check.json`.
+//!   Without a device it says so and exits 0 (non-zero with
+//!   `GM_REQUIRE_CUDA=1`).
 //! - `cargo xtask cuda-check --bundle [DIR]`: builds the CUDA test binary and
-//!   the bench (release, `--features cuda`) into `DIR` (default
-//!   `target/cuda-bundle`) with a `run.sh`, for a GPU machine that has no
-//!   Rust toolchain: carry `DIR`, run `bash DIR/run.sh`, read `$OUT`.
+//!   the bench (release, `--features cuda`), and `gpu_check` (release,
+//!   `--features candle-cuda`, in its own target directory
+//!   `target/candle-cuda`: candle links cudarc dynamically, our `cuda`
+//!   feature loads it at run time, and cudarc takes one or the other per
+//!   build) into `DIR` (default `target/cuda-bundle`) with a `run.sh`, for a
+//!   GPU machine that has no Rust toolchain: carry `DIR`, run
+//!   `bash DIR/run.sh`, read `$OUT`. The candle build needs a CUDA 13.0
+//!   toolkit: `GM_CUDA_DIR` (a directory made by
+//!   `../shared/cuda/setup-cuda-root.sh`, with its `env.sh`), else
+//!   `target/cuda13`, made with that script when it is missing (~1 GB of
+//!   PyPI wheels; the cold candle build then takes ~18 min on 2 cores).
 //!
 //! NVRTC is looked up as cudarc does (`LD_LIBRARY_PATH`); when that does not
 //! name it, the venv `.ci/run` installs (`target/nvrtc-venv`, or the
@@ -32,7 +44,8 @@ pub(crate) const USAGE: &str =
     "  cuda-check               CUDA driver/NVRTC/device report, kernel compile check (NVRTC),
                            and on a GPU the CUDA parity tests and bench -> target/cuda-check/
   cuda-check --bundle [DIR]
-                           build the CUDA tests + bench for a GPU machine without Rust
+                           build the CUDA tests + bench and gm-train's gpu_check
+                           (candle's CUDA backend) for a GPU machine without Rust
                            into DIR (default target/cuda-bundle) with a run.sh
 ";
 
@@ -252,16 +265,41 @@ fn check() -> Result<()> {
     let path = dir.join("bench.json");
     std::fs::write(&path, format!("{bench:#}\n"))?;
     println!("wrote {}", path.display());
+
+    println!("\n==> cuda-check: gm-train on {device} (candle's CUDA backend) against the CPU");
+    let stdout = run_capture(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "gm-train",
+                "--features",
+                "candle-cuda",
+                "--example",
+                "gpu_check",
+            ])
+            .arg("--target-dir")
+            .arg(project_root().join(CANDLE_TARGET))
+            .args(["--", "--device", "cuda:0"]),
+    )?;
+    let report = last_json(&stdout)?;
+    let path = dir.join("gpu_check.json");
+    std::fs::write(&path, format!("{report:#}\n"))?;
+    println!("wrote {}", path.display());
     println!("cuda-check done in {:.1?}", start.elapsed());
     Ok(())
 }
 
 /// The script that runs a bundle on the GPU machine.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
-# Made by `cargo xtask cuda-check --bundle`: runs the gm-models CUDA parity tests
-# (GM_REQUIRE_CUDA=1), gm-shard's NCCL collectives test and the sparse-attention
-# bench on a GPU machine that has no Rust toolchain. Results under $OUT (default:
-# ./out next to this script): info.json, tests.log, nccl.log, bench.log, bench.json.
+# Made by `cargo xtask cuda-check --bundle`: runs gm-train's gpu_check (learner and
+# training step on candle's CUDA backend vs the CPU, the out-of-memory retry on a
+# full device), the gm-models CUDA parity tests (GM_REQUIRE_CUDA=1), gm-shard's NCCL
+# collectives test and the sparse-attention bench on a GPU machine that has no Rust
+# toolchain. Results under $OUT (default: ./out next to this script): info.json,
+# gpu_check.json/.log/.ldd, tests.log, nccl.log, bench.log, bench.json.
 # Exit status non-zero if any fails.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -294,6 +332,24 @@ else
 fi
 
 "$here/cuda_attention_bench" --info | tee "$out/info.json"
+# gm-train on candle's CUDA backend (issue 6): links libcudart.so.13,
+# libcublas(Lt).so.13 and libcurand.so.10, from the CUDA-13 pip libraries
+# (nvidia/cu13/lib) or the system's.
+for d in "${dirs[@]}"; do
+    for f in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
+        if [[ -e $d/$f ]]; then
+            export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+            break
+        fi
+    done
+done
+gpu_check=$links/gpu_check
+gunzip -c "$here/gpu_check.gz" > "$gpu_check" && chmod +x "$gpu_check"
+ldd "$gpu_check" > "$out/gpu_check.ldd" 2>&1
+grep "not found" "$out/gpu_check.ldd" >&2
+"$gpu_check" --device cuda:0 --out "$out/gpu_check.json" > "$out/gpu_check.log" 2>&1
+rc_train=$?
+grep -E "==>|PASS|FAIL|error" "$out/gpu_check.log" | cut -c1-400 | tail -n 20
 GM_REQUIRE_CUDA=1 GM_REQUIRE_NVRTC=1 "$here/cuda-tests" --nocapture --test-threads 1 \
     > "$out/tests.log" 2>&1
 rc_tests=$?
@@ -313,8 +369,8 @@ grep -E "^test |test result|panicked|skipped" "$out/nccl.log" | tail -n 20
 rc_bench=$?
 tail -n 4 "$out/bench.log"
 tail -n 1 "$out/bench.log" > "$out/bench.json"
-echo "tests: exit $rc_tests, nccl: exit $rc_nccl, bench: exit $rc_bench"
-exit $((rc_tests != 0 || rc_nccl != 0 || rc_bench != 0))
+echo "gpu_check: exit $rc_train, tests: exit $rc_tests, nccl: exit $rc_nccl, bench: exit $rc_bench"
+exit $((rc_train != 0 || rc_tests != 0 || rc_nccl != 0 || rc_bench != 0))
 "#;
 
 /// Builds test target `test` of package `pkg` (release, `--features
@@ -340,8 +396,61 @@ fn test_executable(pkg: &str, test: &str) -> Result<PathBuf> {
         .with_context(|| format!("cargo did not report the `{test}` test executable"))
 }
 
-/// Builds the CUDA test binary and the bench (release, `--features cuda`)
-/// into `dir` with `run.sh`.
+/// The target directory of the `candle-cuda` build (relative to the
+/// project root): never shared with a `cuda` build (see the module docs).
+const CANDLE_TARGET: &str = "target/candle-cuda";
+
+/// A CUDA 13.0 toolkit directory with an `env.sh`: `GM_CUDA_DIR`, else
+/// `target/cuda13`, made by `../shared/cuda/setup-cuda-root.sh` if missing.
+fn cuda_toolkit_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("GM_CUDA_DIR") {
+        let dir = PathBuf::from(dir);
+        if !dir.join("env.sh").is_file() {
+            bail!("GM_CUDA_DIR={} has no env.sh", dir.display());
+        }
+        return Ok(dir);
+    }
+    let dir = project_root().join("target/cuda13");
+    if dir.join("env.sh").is_file() {
+        return Ok(dir);
+    }
+    let script = project_root().join("../shared/cuda/setup-cuda-root.sh");
+    if !script.is_file() {
+        bail!(
+            "no CUDA toolkit for candle's CUDA build: set GM_CUDA_DIR to a directory made by \
+             setup-cuda-root.sh (it has env.sh), or provide {}",
+            script.display()
+        );
+    }
+    println!(
+        "==> making a CUDA 13.0 toolkit from PyPI wheels in {}",
+        dir.display()
+    );
+    run_cmd(Command::new("bash").arg(&script).arg(&dir))?;
+    Ok(dir)
+}
+
+/// Builds gm-train's `gpu_check` example with candle's CUDA backend
+/// (release, in [`CANDLE_TARGET`]); returns the executable.
+fn build_gpu_check() -> Result<PathBuf> {
+    let toolkit = cuda_toolkit_dir()?;
+    println!("==> building gpu_check with candle's CUDA backend (a cold build takes ~18 min)");
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(project_root()).args([
+        "-c",
+        r#". "$1/env.sh" && exec cargo build --release -q -p gm-train --features candle-cuda \
+             --target-dir "$2" --example gpu_check"#,
+        "build-gpu-check",
+    ]);
+    cmd.arg(&toolkit).arg(CANDLE_TARGET);
+    run_cmd(&mut cmd)?;
+    Ok(project_root()
+        .join(CANDLE_TARGET)
+        .join("release/examples/gpu_check"))
+}
+
+/// Builds the CUDA test binary, the bench (release, `--features cuda`) and
+/// `gpu_check` (`--features candle-cuda`) into `dir` with `run.sh`.
 fn bundle(dir: &Path) -> Result<()> {
     println!("==> cuda-check --bundle: building the CUDA tests and the bench (release)");
     let tests = test_executable("gm-models", "cuda")?;
@@ -358,6 +467,7 @@ fn bundle(dir: &Path) -> Result<()> {
     ]))?;
     let bench = project_root().join("target/release/examples/cuda_attention_bench");
     let nccl = test_executable("gm-shard", "nccl")?;
+    let gpu_check = build_gpu_check()?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut total = 0;
@@ -365,12 +475,22 @@ fn bundle(dir: &Path) -> Result<()> {
         (&tests, "cuda-tests"),
         (&nccl, "nccl-tests"),
         (&bench, "cuda_attention_bench"),
+        (&gpu_check, "gpu_check"),
     ] {
         let dst = dir.join(name);
         std::fs::copy(src, &dst)
             .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
         // Best effort: the release profile keeps line tables.
         let _ = Command::new("strip").arg(&dst).status();
+        // candle's CUDA kernels make gpu_check ~60 MB stripped, mostly PTX
+        // text: gzip brings it to ~14 MB, under the GPU machine's carry
+        // limit with the rest; run.sh unpacks it.
+        let dst = if name == "gpu_check" {
+            run_cmd(Command::new("gzip").args(["-9", "-f"]).arg(&dst))?;
+            dir.join("gpu_check.gz")
+        } else {
+            dst
+        };
         let size = std::fs::metadata(&dst)?.len();
         total += size;
         println!(

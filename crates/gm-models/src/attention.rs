@@ -65,8 +65,9 @@
 //! The custom kernels compute in `f32` on the CPU. `f16`, `bf16` and `f64`
 //! inputs are converted to `f32` and the output back (differentiably, so
 //! gradients reach the original tensors); `q`, `k` and `v` must share one
-//! float dtype. On a non-CPU device the custom ops return an error (use
-//! [`AttentionKind::Dense`] there). The custom ops support first-order
+//! float dtype. On a non-CPU device the custom ops return
+//! [`Error::Config`] (use [`AttentionKind::Dense`] there; see
+//! [`crate::device`]). The custom ops support first-order
 //! gradients only (their backward is not itself differentiable).
 
 mod cpu;
@@ -216,6 +217,13 @@ where
             "attention dtype",
             format!("q {:?}, k {:?}, v {:?}", dtype, k.dtype(), v.dtype()),
             "one float dtype (f32, f16, bf16 or f64) for q, k and v",
+        ));
+    }
+    if !q.device().is_cpu() {
+        return Err(Error::config(
+            "attention kind",
+            format!("{} on {:?}", op.name(), q.device().location()),
+            "dense attention on a non-CPU device (the memory-efficient and sparse ops are CPU kernels)",
         ));
     }
     let f32c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };

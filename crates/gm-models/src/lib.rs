@@ -20,6 +20,10 @@
 //!   (feature `cuda`, NVRTC at first use, cudarc) — the GPU twin of the CPU
 //!   kernel on host slices, not wired into candle's autograd; without a
 //!   driver every entry is [`Error::NoCuda`].
+//! - [`device`]: a [`gm_core::Device`] as a candle device; candle's CUDA
+//!   backend is the opt-in feature `candle-cuda` (the models are
+//!   device-neutral; on CUDA, dense attention only), with the device's free
+//!   memory from the driver.
 //! - [`quant`]: int8 inference copies (`quantized()` on every model):
 //!   per-channel int8 by default, Q8_0 on request; 0.26–0.45× the f32
 //!   parameter bytes.
@@ -40,6 +44,7 @@
 
 pub mod attention;
 pub mod cuda;
+pub mod device;
 mod error;
 pub mod heads;
 pub mod init;

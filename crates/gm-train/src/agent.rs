@@ -240,6 +240,8 @@ pub struct AgentNet {
     pub lvn: LvnEmbedder,
     /// Agent heads.
     pub heads: AgentHeads,
+    /// The device the parameters live on.
+    device: Device,
 }
 
 impl AgentNet {
@@ -253,7 +255,13 @@ impl AgentNet {
             regime: RegimeEmbedder::new(cfg.regime.clone(), vb.pp("regime"))?,
             lvn: LvnEmbedder::new(cfg.lvn.clone(), vb.pp("lvn"))?,
             heads: AgentHeads::new(cfg.heads.clone(), vb.pp("heads"))?,
+            device: vb.device().clone(),
         })
+    }
+
+    /// The device the parameters live on (inputs must be there too).
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Q-values `[B, 3]` for a batch of observations.

@@ -72,16 +72,23 @@ pub enum Error {
     Stopped(String),
 }
 
+/// The names of device out-of-memory errors in candle's error text: the
+/// driver's (`DriverError(CUDA_ERROR_OUT_OF_MEMORY)` from an allocation)
+/// and cuBLAS's (a workspace it could not allocate).
+const OOM_CODES: [&str; 2] = ["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED"];
+
 impl Error {
     /// Whether this error is a device running out of memory: an
     /// [`Error::OutOfMemory`], or a candle/model error whose text carries
-    /// the CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY` (candle wraps cudarc's
-    /// errors as boxed text, so the code is recognised by name).
+    /// the CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY` or cuBLAS's
+    /// `CUBLAS_STATUS_ALLOC_FAILED` (candle wraps cudarc's errors as boxed
+    /// text, so the code is recognised by name).
     pub fn is_out_of_memory(&self) -> bool {
         match self {
             Error::OutOfMemory { .. } => true,
             Error::Candle(_) | Error::Model(_) => {
-                self.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY")
+                let text = self.to_string();
+                OOM_CODES.iter().any(|code| text.contains(code))
             }
             _ => false,
         }
@@ -97,5 +104,41 @@ impl Error {
             value: value.to_string(),
             allowed: allowed.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// candle's CUDA backend boxes cudarc's errors; their text is the
+    /// driver's or cuBLAS's code (`DriverError(CUDA_ERROR_OUT_OF_MEMORY)`,
+    /// cudarc's `Display` of a driver error).
+    fn cuda(text: &str) -> Error {
+        Error::Candle(candle_core::Error::Cuda(Box::new(std::io::Error::other(
+            text.to_string(),
+        ))))
+    }
+
+    #[test]
+    fn device_out_of_memory_is_recognised_and_other_errors_are_not() {
+        assert!(cuda("DriverError(CUDA_ERROR_OUT_OF_MEMORY)").is_out_of_memory());
+        assert!(cuda("cublas error: CUBLAS_STATUS_ALLOC_FAILED").is_out_of_memory());
+        // candle adds context and a backtrace around the boxed error.
+        let wrapped = Error::Candle(
+            candle_core::Error::Cuda(Box::new(std::io::Error::other(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY)",
+            )))
+            .context("matmul"),
+        );
+        assert!(wrapped.is_out_of_memory(), "{wrapped}");
+        let model = Error::Model(gm_models::Error::Candle(candle_core::Error::Cuda(
+            Box::new(std::io::Error::other(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY) when loading affine",
+            )),
+        )));
+        assert!(model.is_out_of_memory());
+        assert!(!cuda("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)").is_out_of_memory());
+        assert!(!Error::config("batch_size", 0, "at least 1").is_out_of_memory());
     }
 }

@@ -346,6 +346,13 @@ pub struct LearnerConfig {
     pub prefetch_depth: usize,
     /// Steps between progress events. Default 100.
     pub log_every_steps: u64,
+    /// Where the networks, the update and synchronous acting run. Default
+    /// the CPU; [`gm_core::Device::Cuda`] needs gm-train's feature
+    /// `candle-cuda` (otherwise [`Learner::new`] fails with the model
+    /// crate's `NoCuda` error). Threaded actors always act on CPU copies of
+    /// the weights; data-parallel mode (MPI ranks) is CPU-only. Not part of
+    /// a checkpoint: a run saved on one device resumes on another.
+    pub device: gm_core::Device,
 }
 
 impl Default for LearnerConfig {
@@ -387,6 +394,7 @@ impl Default for LearnerConfig {
             actor_sync_every_updates: 20,
             prefetch_depth: 4,
             log_every_steps: 100,
+            device: gm_core::Device::Cpu,
         }
     }
 }
@@ -1082,7 +1090,7 @@ impl Learner {
     /// buffer; threaded mode starts its actor and prefetch threads).
     pub fn new(cfg: LearnerConfig, data: Arc<MarketData>) -> Result<Self> {
         cfg.validate()?;
-        let device = Device::Cpu;
+        let device = gm_models::device::candle_device(cfg.device)?;
         let nets = Nets::new(&cfg, &device)?;
         let seed = cfg.seed;
         Self::fresh(
@@ -1772,7 +1780,7 @@ impl Learner {
         cfg.validate()?;
         let dir = dir.as_ref();
         let body = Self::read_main(&cfg, &data, dir, persist::MAIN_FILES)?;
-        let device = Device::Cpu;
+        let device = gm_models::device::candle_device(cfg.device)?;
         let nets = Nets::load(&cfg, dir, &body, &device)?;
         let seed = cfg.seed;
         Self::restore(cfg, data, device, nets, &body, dir, seed)
@@ -1868,6 +1876,8 @@ impl Learner {
         dp: DataParallel,
     ) -> Result<Self> {
         let (rank, world) = (dp.comm.rank(), dp.comm.world());
+        // `check_data_parallel` (the same verdict on every rank) rejects
+        // any other device.
         let device = Device::Cpu;
         let prepared = Self::check_data_parallel(&cfg, world, cfg.batch_size)
             .and_then(|()| Nets::new(&cfg, &device));
@@ -1910,6 +1920,8 @@ impl Learner {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let (rank, world) = (dp.comm.rank(), dp.comm.world());
+        // `check_data_parallel` (the same verdict on every rank) rejects
+        // any other device.
         let device = Device::Cpu;
         let prepared = cfg.validate().and_then(|()| {
             // Ranks > 0 never read rank 0's replay: they do not verify it.
@@ -2007,6 +2019,13 @@ impl Learner {
                 "batch_size",
                 batch,
                 format!("at least the number of data-parallel ranks ({world})"),
+            ));
+        }
+        if cfg.device != gm_core::Device::Cpu {
+            return Err(Error::config(
+                "device",
+                cfg.device,
+                "cpu in data-parallel mode (MPI ranks run on the CPU)",
             ));
         }
         Ok(())

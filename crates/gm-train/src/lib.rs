@@ -1,5 +1,19 @@
-//! Train the GrandModel agent inside a memory budget (tier 2): under
-//! construction (issue 6).
+//! Train the GrandModel agent inside a memory budget (tier 2, issue 6):
+//! the composable [`TrainStep`] (segment checkpointing, bf16/f16 with loss
+//! scaling, micro-batches, top-k sparsification, a retry with a halved
+//! micro-batch when the device runs out of memory), the memory-budgeted
+//! [`BatchSizer`], the Double-DQN [`Learner`] and the sharded
+//! [`ZeroOptimizer`].
+//!
+//! # Devices
+//! Everything runs on the CPU by default. With the feature `candle-cuda`
+//! (candle's CUDA backend; needs `nvcc` to build) the learner runs on the
+//! GPU named by [`LearnerConfig::device`], and a [`TrainStep`] runs on the
+//! device its batch and network live on; threaded actors act on CPU copies
+//! of the weights; data-parallel mode is CPU-only. Without the feature a
+//! CUDA device is a typed `NoCuda` error. `examples/gpu_check.rs` compares
+//! the GPU with the CPU (the reference) and drills the out-of-memory retry
+//! on a really full device.
 
 pub mod accum;
 pub mod agent;

@@ -426,8 +426,13 @@ fn bad_setups_are_refused_on_every_rank() -> anyhow::Result<()> {
         batch_size: 1,
         ..config()
     };
+    let gpu = LearnerConfig {
+        device: gm_core::Device::Cuda { ordinal: 0 },
+        ..config()
+    };
     for (what, cfgs) in [
         ("threaded actors", [threaded.clone(), threaded]),
+        ("a CUDA device", [gpu.clone(), gpu]),
         ("batch below the ranks", [tiny_batch.clone(), tiny_batch]),
         (
             "different configs",

@@ -272,3 +272,28 @@ fn threaded_mode_applies_a_new_batch_size_from_the_next_update() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// `LearnerConfig::device` reaches the networks: without candle's CUDA
+/// backend (or without a device) a CUDA learner is the model crate's typed
+/// `NoCuda` error, never a panic, for a new and for a resumed run.
+#[test]
+fn a_cuda_learner_without_a_cuda_backend_is_a_typed_error() -> anyhow::Result<()> {
+    if gm_models::device::CANDLE_CUDA {
+        return Ok(()); // the GPU check (examples/gpu_check.rs) covers that build
+    }
+    let cuda = gm_core::Device::Cuda { ordinal: 0 };
+    let mut cfg = base_config();
+    cfg.device = cuda;
+    let no_cuda = |e: Error| matches!(e, Error::Model(gm_models::Error::NoCuda(_)));
+    let err = Learner::new(cfg.clone(), data()).unwrap_err();
+    assert!(err.to_string().contains("candle-cuda"), "{err}");
+    assert!(no_cuda(err));
+    // A CPU checkpoint asked to resume on CUDA: the same error.
+    let (l, _) = run(base_config(), 10)?;
+    let dir = tempfile::tempdir()?;
+    l.save_checkpoint(dir.path())?;
+    assert!(no_cuda(
+        Learner::resume(cfg, data(), dir.path()).unwrap_err()
+    ));
+    Ok(())
+}

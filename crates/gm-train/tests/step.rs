@@ -21,7 +21,7 @@ use gm_train::{
 };
 
 mod common;
-use common::Data;
+use common::{flat, grads_rel_err as rel_err, Data};
 
 const B: usize = 8;
 const F32_TOL: f64 = 1e-5;
@@ -54,43 +54,6 @@ fn cfg(
         dropout,
         ..StepConfig::default()
     }
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect()
-}
-
-/// Worst per-variable `max |a − b| / max |b|`; panics when the two give
-/// gradients to different variables.
-fn rel_err(a: &Grads, b: &Grads) -> f64 {
-    let mut worst = 0f64;
-    for ((name, _, x), (_, _, y)) in a.iter().zip(b.iter()) {
-        match (x, y) {
-            (None, None) => {}
-            (Some(x), Some(y)) => {
-                let (x, y) = (flat(x), flat(y));
-                let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let diff = x
-                    .iter()
-                    .zip(&y)
-                    .fold(0f64, |m, (p, q)| m.max((p - q).abs()));
-                assert!(diff.is_finite(), "{name}");
-                if scale > 0.0 {
-                    worst = worst.max(diff / scale);
-                } else {
-                    assert_eq!(diff, 0.0, "{name}");
-                }
-            }
-            _ => panic!("{name}: a gradient in one run only"),
-        }
-    }
-    worst
 }
 
 /// (cosine, relative L2 error) of `a` against `b` over all variables.

@@ -306,7 +306,7 @@ pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> R
             (&mut opt.v[i], format!("v/{name}")),
         ] {
             *slot = match file.get(&key) {
-                Some(t) if t.dims() == var.dims() => Some(t.clone()),
+                Some(t) if t.dims() == var.dims() => Some(t.to_device(var.device())?),
                 Some(t) => {
                     return Err(corrupt(
                         path,

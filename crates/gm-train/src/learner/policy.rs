@@ -33,7 +33,7 @@ impl GreedyPolicy {
     /// The greedy policy of `net` on `data`, precomputed in batches of
     /// `batch` observations.
     pub fn new(net: &AgentNet, data: Arc<MarketData>, batch: usize) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = net.device().clone();
         let batch = batch.max(1);
         let mut table = vec![u8::MAX; data.len()];
         let first = data.first_ready();

@@ -1,7 +1,8 @@
 //! Fixtures shared by gm-train's integration tests: the same small
 //! synchronous learner run and bit-level views of its tensors (`resume.rs`,
-//! `learner_step.rs`, `learner_dp.rs`), and a random TD batch (`step.rs`,
-//! `zero.rs`, `zero_mpi.rs`).
+//! `learner_step.rs`, `learner_dp.rs`), a random TD batch and a gradient
+//! comparison (`step.rs`, `zero.rs`, `zero_mpi.rs`, and
+//! `examples/gpu_check.rs`, which includes this file).
 #![allow(dead_code)] // each test crate uses a subset
 
 use std::sync::{Arc, OnceLock};
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use gm_buffers::{BufferConfig, StorageMode};
 use gm_market::{EnvConfig, GeneratorConfig, MarketData, PipelineConfig, OBS_DIM};
-use gm_train::{LearnerConfig, ObsBatch, TdBatch};
+use gm_train::{Grads, LearnerConfig, ObsBatch, TdBatch};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -99,12 +100,17 @@ pub struct Data {
 
 impl Data {
     pub fn new(seed: u64, b: usize) -> Self {
+        Self::on(seed, b, &Device::Cpu)
+    }
+
+    /// The same batch as [`Data::new`], its observations on `device`.
+    pub fn on(seed: u64, b: usize, device: &Device) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let obs: Vec<f32> = (0..b * OBS_DIM)
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         Self {
-            obs: ObsBatch::from_flat(&obs, b, &Device::Cpu).expect("observation batch"),
+            obs: ObsBatch::from_flat(&obs, b, device).expect("observation batch"),
             actions: (0..b).map(|_| rng.random_range(0..3u32)).collect(),
             targets: (0..b).map(|i| if i % 3 == 0 { 3.0 } else { 0.2 }).collect(),
             weights: (0..b).map(|_| rng.random_range(0.2f32..1.0)).collect(),
@@ -123,4 +129,43 @@ impl Data {
             weights: Some(&self.weights),
         }
     }
+}
+
+/// A tensor's values as f64, flattened (any device, any float dtype).
+pub fn flat(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("tensor values")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// Worst per-variable `max |a − b| / max |b|` (the error relative to the
+/// variable's largest reference gradient entry); panics when the two give
+/// gradients to different variables or a difference is not finite.
+pub fn grads_rel_err(a: &Grads, b: &Grads) -> f64 {
+    let mut worst = 0f64;
+    for ((name, _, x), (_, _, y)) in a.iter().zip(b.iter()) {
+        match (x, y) {
+            (None, None) => {}
+            (Some(x), Some(y)) => {
+                let (x, y) = (flat(x), flat(y));
+                let scale = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+                let diff = x
+                    .iter()
+                    .zip(&y)
+                    .fold(0f64, |m, (p, q)| m.max((p - q).abs()));
+                assert!(diff.is_finite(), "{name}");
+                if scale > 0.0 {
+                    worst = worst.max(diff / scale);
+                } else {
+                    assert_eq!(diff, 0.0, "{name}");
+                }
+            }
+            _ => panic!("{name}: a gradient in one run only"),
+        }
+    }
+    worst
 }
