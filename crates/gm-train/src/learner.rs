@@ -156,9 +156,12 @@
 //! crash after rank 0's rename leaves a complete main directory with some
 //! rank directories missing, never a mix of two checkpoints.
 //!
-//! **Resume** with any number of ranks: every rank loads the weights, the
-//! target and the full optimizer state from `dir` and keeps its shards
-//! ([`ZeroOptimizer::load_state`]); rank 0 restores `dir`'s replay and
+//! **Resume** with any number of ranks: every rank loads the weights and
+//! the target from `dir` and reads only its own shards of the optimizer
+//! state from the file, range by range
+//! ([`ZeroOptimizer::load_state_from`]; the ranks together read each
+//! moment byte once, so no rank holds the unsharded `8Ψ` even while
+//! resuming); rank 0 restores `dir`'s replay and
 //! actor, rank `r > 0` `dir/rank-<r>` when it holds rank `r`'s state of
 //! the same step (whatever world size wrote it). A rank without it (a
 //! larger group, a missing or damaged directory) starts with an empty
@@ -759,16 +762,26 @@ impl Nets {
     }
 
     /// The networks, optimizer state and loss scaler of the checkpoint in
-    /// `dir` (whose manifest is `body`).
-    fn load(cfg: &LearnerConfig, dir: &Path, body: &Body, device: &Device) -> Result<Self> {
+    /// `dir` (whose manifest is `body`). With `moments` false AdamW's
+    /// moments stay unread (the data-parallel resume reads each rank's
+    /// share in [`shard`](Self::shard)); its step count is set either way.
+    fn load(
+        cfg: &LearnerConfig,
+        dir: &Path,
+        body: &Body,
+        device: &Device,
+        moments: bool,
+    ) -> Result<Self> {
         let mut nets = Nets::new(cfg, device)?;
         gm_models::weights::load(&nets.online_vm, dir.join(persist::ONLINE))?;
         gm_models::weights::load(&nets.target_vm, dir.join(persist::TARGET))?;
-        persist::load_optimizer(
-            &mut nets.opt,
-            &nets.online_vm,
-            &dir.join(persist::OPTIMIZER),
-        )?;
+        if moments {
+            persist::load_optimizer(
+                &mut nets.opt,
+                &nets.online_vm,
+                &dir.join(persist::OPTIMIZER),
+            )?;
+        }
         nets.opt.step = body.optimizer_step;
         match (&mut nets.step.precision.scaler, &body.loss_scaler) {
             (Some(s), Some(saved)) => *s = saved.clone(),
@@ -793,10 +806,11 @@ impl Nets {
     }
 
     /// Switches to data-parallel mode: the sharded optimizer takes over
-    /// (collective: rank 0's weights are broadcast). Resuming (`resumed`),
-    /// it is loaded with the full state of `self.opt` (read from the
-    /// checkpoint) and the target network is kept; a new run's target
-    /// restarts from the broadcast weights.
+    /// (collective: rank 0's weights are broadcast). Resuming from the
+    /// checkpoint `resume_from`, each rank reads only its share of the
+    /// optimizer state from the checkpoint's file (never the whole `8Ψ`)
+    /// at `self.opt`'s step, and the target network is kept; a new run's
+    /// target restarts from the broadcast weights.
     ///
     /// Returns the sharded optimizer (to be put into `self.zero` once the
     /// group has agreed that every rank is built, see
@@ -807,15 +821,17 @@ impl Nets {
         &mut self,
         cfg: &LearnerConfig,
         dp: DataParallel,
-        resumed: bool,
+        resume_from: Option<&Path>,
     ) -> Result<(ZeroOptimizer, Result<()>)> {
         let n = self.opt.m.len();
-        let full = std::mem::replace(&mut self.opt, AdamW::new(cfg.optimizer, n)?);
+        let step = self.opt.step;
+        // Any full state goes: the shards hold it from now on.
+        self.opt = AdamW::new(cfg.optimizer, n)?;
         let mut zero = ZeroOptimizer::new(dp.comm, &self.online_vm, cfg.optimizer, dp.zero)?;
-        let local = if resumed {
-            zero.load_state(&full)
-        } else {
-            copy_vars(&self.online_vm, &self.target_vm, None)
+        let local = match resume_from {
+            Some(dir) => persist::OptimizerFile::open(&dir.join(persist::OPTIMIZER))
+                .and_then(|mut file| zero.load_state_from(step, &mut file)),
+            None => copy_vars(&self.online_vm, &self.target_vm, None),
         };
         self.opt.step = zero.steps();
         Ok((zero, local))
@@ -1781,7 +1797,7 @@ impl Learner {
         let dir = dir.as_ref();
         let body = Self::read_main(&cfg, &data, dir, persist::MAIN_FILES)?;
         let device = gm_models::device::candle_device(cfg.device)?;
-        let nets = Nets::load(&cfg, dir, &body, &device)?;
+        let nets = Nets::load(&cfg, dir, &body, &device, true)?;
         let seed = cfg.seed;
         Self::restore(cfg, data, device, nets, &body, dir, seed)
     }
@@ -1883,7 +1899,7 @@ impl Learner {
             .and_then(|()| Nets::new(&cfg, &device));
         let crc = cfg.group_crc32(&data);
         let mut nets = Self::join_group(&*dp.comm, prepared, crc, 0)?;
-        let (zero, local) = nets.shard(&cfg, dp, false)?;
+        let (zero, local) = nets.shard(&cfg, dp, None)?;
         let seed = parallel::rank_seed(cfg.seed, rank);
         let built = local.and_then(|()| {
             Self::fresh(
@@ -1933,13 +1949,13 @@ impl Learner {
             let body = Self::read_main(&cfg, &data, dir, files)?;
             let batch = body.batch_size.unwrap_or(cfg.batch_size);
             Self::check_data_parallel(&cfg, world, batch)?;
-            let nets = Nets::load(&cfg, dir, &body, &device)?;
+            let nets = Nets::load(&cfg, dir, &body, &device, false)?;
             Ok((body, nets))
         });
         let step = prepared.as_ref().map_or(0, |(b, _)| b.step);
         let crc = cfg.group_crc32(&data);
         let (body, mut nets) = Self::join_group(&*dp.comm, prepared, crc, step)?;
-        let (zero, local) = nets.shard(&cfg, dp, true)?;
+        let (zero, local) = nets.shard(&cfg, dp, Some(dir))?;
         let built =
             local.and_then(|()| Self::restore_rank(cfg, data, device, nets, &body, dir, rank));
         Self::finish_group(zero, built, crc, step)

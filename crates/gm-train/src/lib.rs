@@ -47,4 +47,4 @@ pub use optim::{AdamW, AdamWConfig};
 pub use precision::{working_builder, LossScaler, LossScalerConfig, MixedPrecision, Precision};
 pub use sparsify::{SparsifyReport, TopK, TopKAmount, TopKConfig, TopKScope};
 pub use step::{StepConfig, StepGrads, StepOutcome, TdBatch, TrainStep};
-pub use zero::{ZeroConfig, ZeroOptimizer, ZeroOutcome};
+pub use zero::{StateSource, ZeroConfig, ZeroOptimizer, ZeroOutcome};

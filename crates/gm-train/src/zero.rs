@@ -484,6 +484,70 @@ fn piece_f32(t: &Tensor, start: usize, len: usize) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// A full (unsharded) AdamW state that
+/// [`ZeroOptimizer::load_state_from`] reads piece by piece. Variables are
+/// named by their index in the optimizer's sorted-name order and by name.
+pub trait StateSource {
+    /// How many elements variable `var`'s moments have (`m` and `v`
+    /// alike), or `None` when it has no state yet.
+    fn state_len(&mut self, var: usize, name: &str) -> Result<Option<usize>>;
+
+    /// Appends `m[start..start + len]` and `v[start..start + len]` of
+    /// variable `var` (flattened) to `m` and `v`. Called only for
+    /// variables with state, within their length.
+    fn read(
+        &mut self,
+        var: usize,
+        name: &str,
+        start: usize,
+        len: usize,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()>;
+}
+
+/// An in-memory [`AdamW`] as a [`StateSource`].
+struct AdamSource<'a>(&'a AdamW);
+
+impl StateSource for AdamSource<'_> {
+    fn state_len(&mut self, var: usize, name: &str) -> Result<Option<usize>> {
+        match (&self.0.m[var], &self.0.v[var]) {
+            (None, None) => Ok(None),
+            (Some(m), Some(v)) if m.elem_count() == v.elem_count() => Ok(Some(m.elem_count())),
+            (Some(m), Some(v)) => Err(Error::config(
+                "optimizer state",
+                format!(
+                    "{name:?}: m has {} elements, v {}",
+                    m.elem_count(),
+                    v.elem_count()
+                ),
+                "as many in m as in v",
+            )),
+            _ => Err(Error::config(
+                "optimizer state",
+                format!("{name:?}: only one of m and v"),
+                "both or neither",
+            )),
+        }
+    }
+
+    fn read(
+        &mut self,
+        var: usize,
+        _name: &str,
+        start: usize,
+        len: usize,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        if let (Some(fm), Some(fv)) = (&self.0.m[var], &self.0.v[var]) {
+            m.extend(piece_f32(fm, start, len)?);
+            v.extend(piece_f32(fv, start, len)?);
+        }
+        Ok(())
+    }
+}
+
 /// The indices of the `k` largest `|v|` (exactly `k`, ascending): the
 /// selection of [`TopK`](crate::TopK).
 fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
@@ -1218,27 +1282,27 @@ impl ZeroOptimizer {
                 format!("{n} each (the variables the optimizer was built on)"),
             ));
         }
+        self.load_state_from(full.step, &mut AdamSource(full))
+    }
+
+    /// [`load_state`](Self::load_state) from a source that hands out the
+    /// full state piece by piece (such as the learner's checkpoint file,
+    /// read range by range): this rank reads only the `2 · 4 · count`
+    /// bytes of moments it owns, so resuming never holds the unsharded
+    /// `8Ψ` state. `step` is AdamW's step count. Not collective; on error
+    /// nothing changes.
+    pub fn load_state_from(&mut self, step: u64, src: &mut dyn StateSource) -> Result<()> {
+        let n = self.vars.len();
         let mut has = vec![false; n];
         for (i, h) in has.iter_mut().enumerate() {
-            match (&full.m[i], &full.v[i]) {
-                (None, None) => {}
-                (Some(m), Some(v)) => {
-                    for t in [m, v] {
-                        if t.elem_count() != self.elems[i] {
-                            return Err(Error::config(
-                                "optimizer state",
-                                format!("{:?}: {} elements", self.names[i], t.elem_count()),
-                                format!("{} elements (the variable's)", self.elems[i]),
-                            ));
-                        }
-                    }
-                    *h = true;
-                }
-                _ => {
+            match src.state_len(i, &self.names[i])? {
+                None => {}
+                Some(len) if len == self.elems[i] => *h = true,
+                Some(len) => {
                     return Err(Error::config(
                         "optimizer state",
-                        format!("{:?}: only one of m and v", self.names[i]),
-                        "both or neither",
+                        format!("{:?}: {len} elements", self.names[i]),
+                        format!("{} elements (the variable's)", self.elems[i]),
                     ))
                 }
             }
@@ -1247,21 +1311,24 @@ impl ZeroOptimizer {
         let count = self.layout.counts[rank];
         let (mut m, mut v) = (Vec::with_capacity(count), Vec::with_capacity(count));
         for s in &self.layout.slots[self.layout.rank_slots[rank].clone()] {
-            match (&full.m[s.var], &full.v[s.var]) {
-                (Some(fm), Some(fv)) => {
-                    m.extend(piece_f32(fm, s.start, s.len)?);
-                    v.extend(piece_f32(fv, s.start, s.len)?);
-                }
-                _ => {
-                    m.resize(m.len() + s.len, 0.0);
-                    v.resize(v.len() + s.len, 0.0);
-                }
+            if has[s.var] {
+                src.read(s.var, &self.names[s.var], s.start, s.len, &mut m, &mut v)?;
+            } else {
+                m.resize(m.len() + s.len, 0.0);
+                v.resize(v.len() + s.len, 0.0);
             }
+        }
+        if m.len() != count || v.len() != count {
+            return Err(Error::config(
+                "optimizer state",
+                format!("{} m and {} v values read", m.len(), v.len()),
+                format!("{count} each (this rank's share)"),
+            ));
         }
         self.m = m;
         self.v = v;
         self.has_state = has;
-        self.step = full.step;
+        self.step = step;
         self.residual = None;
         Ok(())
     }

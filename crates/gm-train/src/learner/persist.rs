@@ -320,6 +320,149 @@ pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> R
     Ok(())
 }
 
+/// The optimizer state file of a checkpoint ([`save_optimizer`]'s
+/// safetensors layout) read range by range, for
+/// [`ZeroOptimizer::load_state_from`](crate::ZeroOptimizer::load_state_from):
+/// only the header is parsed up front, then each requested piece of `m/<name>`
+/// and `v/<name>` is read with a seek, so a data-parallel rank resuming
+/// reads (and holds) only the moments it owns. The manifest has already
+/// verified the file's size and CRC; a header that does not describe f32
+/// tensors inside the file is still an [`Error::Checkpoint`].
+pub(crate) struct OptimizerFile {
+    path: PathBuf,
+    file: File,
+    /// Name → (element count, absolute byte offset of its data).
+    entries: HashMap<String, (usize, u64)>,
+    /// Bytes of moment data read so far (the header not counted).
+    pub bytes_read: u64,
+}
+
+impl OptimizerFile {
+    /// Opens `path` and parses its safetensors header.
+    pub(crate) fn open(path: &Path) -> Result<Self> {
+        /// The longest header accepted (candle writes a few hundred bytes
+        /// per tensor).
+        const MAX_HEADER: u64 = 100 << 20;
+        #[derive(Deserialize)]
+        struct Entry {
+            dtype: String,
+            shape: Vec<usize>,
+            data_offsets: [u64; 2],
+        }
+        let mut file = File::open(path).map_err(|e| io(path, "open optimizer state", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| io(path, "stat optimizer state", e))?
+            .len();
+        let mut len8 = [0u8; 8];
+        file.read_exact(&mut len8)
+            .map_err(|e| io(path, "read optimizer state header", e))?;
+        let header_len = u64::from_le_bytes(len8);
+        if header_len > MAX_HEADER || header_len > file_len.saturating_sub(8) {
+            return Err(corrupt(
+                path,
+                format!("safetensors header of {header_len} bytes in a {file_len}-byte file"),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| io(path, "read optimizer state header", e))?;
+        let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| io(path, "parse optimizer state header", e))?;
+        let data_start = 8 + header_len;
+        let mut entries = HashMap::new();
+        for (name, value) in raw {
+            if name == "__metadata__" {
+                continue;
+            }
+            let e: Entry = serde_json::from_value(value)
+                .map_err(|e| io(path, &format!("header entry {name:?}"), e))?;
+            let count: usize = e.shape.iter().product();
+            let [begin, end] = e.data_offsets;
+            let fits =
+                begin <= end && end - begin == 4 * count as u64 && data_start + end <= file_len;
+            if e.dtype != "F32" || !fits {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "header entry {name:?}: {} {:?} at bytes {begin}..{end} is not an f32 \
+                         tensor inside the file",
+                        e.dtype, e.shape
+                    ),
+                ));
+            }
+            entries.insert(name, (count, data_start + begin));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            entries,
+            bytes_read: 0,
+        })
+    }
+
+    /// Appends `len` f32s of tensor `key` from element `start` to `out`.
+    fn read_range(
+        &mut self,
+        key: &str,
+        start: usize,
+        len: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let &(count, offset) = self
+            .entries
+            .get(key)
+            .ok_or_else(|| corrupt(&self.path, format!("{key} is missing")))?;
+        if start + len > count {
+            return Err(corrupt(
+                &self.path,
+                format!("{key}: elements {start}..{} of {count}", start + len),
+            ));
+        }
+        let mut bytes = vec![0u8; 4 * len];
+        self.file
+            .seek(SeekFrom::Start(offset + 4 * start as u64))
+            .and_then(|_| self.file.read_exact(&mut bytes))
+            .map_err(|e| io(&self.path, &format!("read {key}"), e))?;
+        self.bytes_read += bytes.len() as u64;
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        Ok(())
+    }
+}
+
+impl crate::zero::StateSource for OptimizerFile {
+    fn state_len(&mut self, _var: usize, name: &str) -> Result<Option<usize>> {
+        let m = self.entries.get(&format!("m/{name}")).map(|e| e.0);
+        let v = self.entries.get(&format!("v/{name}")).map(|e| e.0);
+        match (m, v) {
+            (None, None) => Ok(None),
+            (Some(m), Some(v)) if m == v => Ok(Some(m)),
+            (m, v) => Err(corrupt(
+                &self.path,
+                format!("{name}: m/ has {m:?} elements, v/ has {v:?}"),
+            )),
+        }
+    }
+
+    fn read(
+        &mut self,
+        _var: usize,
+        name: &str,
+        start: usize,
+        len: usize,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.read_range(&format!("m/{name}"), start, len, m)?;
+        self.read_range(&format!("v/{name}"), start, len, v)
+    }
+}
+
 /// Writes a checkpoint into `dir` crash-safely: `write` fills a fresh
 /// temporary directory with the data files `files` ([`MAIN_FILES`] or
 /// [`RANK_FILES`]), then the manifest (`body` with the files' digests) is
@@ -457,7 +600,116 @@ pub(crate) fn read_checkpoint(dir: &Path, files: &[&str]) -> Result<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::AdamWConfig;
+    use crate::zero::{ZeroConfig, ZeroOptimizer};
+    use candle_nn::{Init, VarBuilder};
+    use gm_shard::ThreadGroup;
     use rand::{RngCore, SeedableRng};
+
+    /// Variables a (10), b (3), c (7), d (5); AdamW moments for a, b, c
+    /// with distinct values, none for d (never had a gradient).
+    fn model_and_state() -> (VarMap, AdamW) {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+        for (n, s) in [("a", 10), ("b", 3), ("c", 7), ("d", 5)] {
+            vb.get_with_hints(s, n, Init::Const(0.5)).unwrap();
+        }
+        let mut adam = AdamW::new(AdamWConfig::default(), 4).unwrap();
+        adam.step = 17;
+        for (i, len) in [10usize, 3, 7].into_iter().enumerate() {
+            let vals = |k: f32| (0..len).map(|j| k + i as f32 * 100.0 + j as f32).collect();
+            let t = |v: Vec<f32>| Tensor::from_vec(v, len, &Device::Cpu).unwrap();
+            adam.m[i] = Some(t(vals(0.25)));
+            adam.v[i] = Some(t(vals(1000.5)));
+        }
+        (vm, adam)
+    }
+
+    /// Resuming data-parallel, each rank reads its share of the moments
+    /// from the file: the shards equal those `load_state` cuts from the
+    /// whole state, and the ranks together read each moment byte once.
+    #[test]
+    fn the_optimizer_file_hands_each_rank_only_its_share() {
+        let (vm, adam) = model_and_state();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OPTIMIZER);
+        save_optimizer(&adam, &vm, &path).unwrap();
+        let file_len = fs::metadata(&path).unwrap().len();
+        let cfg = ZeroConfig {
+            max_shard_bytes: 32,
+            ..ZeroConfig::default()
+        };
+        let out = ThreadGroup::run(3, std::time::Duration::from_secs(30), |c| {
+            let mut from_file =
+                ZeroOptimizer::new(Box::new(c), &vm, AdamWConfig::default(), cfg.clone())?;
+            let mut file = OptimizerFile::open(&path)?;
+            from_file.load_state_from(adam.step, &mut file)?;
+            let gathered = from_file.gather_state()?;
+            Ok::<_, Error>((file.bytes_read, gathered))
+        })
+        .unwrap();
+        let mut total = 0;
+        for (rank, r) in out.into_iter().enumerate() {
+            let (read, gathered) = r.unwrap();
+            assert!(
+                read < file_len / 2,
+                "rank {rank} read {read} of {file_len} bytes"
+            );
+            total += read;
+            if rank == 0 {
+                let g = gathered.expect("rank 0 gathers");
+                assert_eq!(g.step, 17);
+                for i in 0..4 {
+                    let flat = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_vec1::<f32>().unwrap());
+                    assert_eq!(flat(&g.m[i]), flat(&adam.m[i]), "m[{i}]");
+                    assert_eq!(flat(&g.v[i]), flat(&adam.v[i]), "v[{i}]");
+                }
+            }
+        }
+        assert_eq!(
+            total,
+            8 * (10 + 3 + 7),
+            "every moment byte read exactly once"
+        );
+    }
+
+    #[test]
+    fn a_bad_optimizer_file_is_a_checkpoint_error() {
+        let (vm, adam) = model_and_state();
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        save_optimizer(&adam, &vm, &good).unwrap();
+        let bytes = fs::read(&good).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("header longer than the file", {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            }),
+            ("not JSON", {
+                let mut b = bytes.clone();
+                b[8] = b'#';
+                b
+            }),
+            ("data cut off", bytes[..8 + header_len + 16].to_vec()),
+        ];
+        for (what, b) in cases {
+            let p = dir.path().join("bad");
+            fs::write(&p, b).unwrap();
+            assert!(
+                matches!(OptimizerFile::open(&p), Err(Error::Checkpoint { .. })),
+                "{what}"
+            );
+        }
+        // A piece beyond a tensor, or of a tensor that is not there.
+        let mut f = OptimizerFile::open(&good).unwrap();
+        let mut out = Vec::new();
+        assert!(f.read_range("m/a", 8, 3, &mut out).is_err());
+        assert!(f.read_range("m/zz", 0, 1, &mut out).is_err());
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn rng_state_round_trips_mid_stream() {
