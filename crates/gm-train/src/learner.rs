@@ -218,7 +218,7 @@ use self::replay::{names, replay_schema, NStep};
 use crate::agent::{AgentConfig, AgentNet, ObsBatch};
 use crate::grads::Grads;
 use crate::optim::{AdamW, AdamWConfig};
-use crate::step::{StepConfig, StepOutcome, TdBatch, TrainStep};
+use crate::step::{StepConfig, TdBatch, TrainStep};
 use crate::zero::ZeroOptimizer;
 use crate::{Error, Result};
 
@@ -954,21 +954,9 @@ impl Nets {
                     Ok(g) => g,
                     Err(e) => return Err(zero.step_failed(e)),
                 };
-                let z = zero.step(&g.grads, weight, g.loss_scale, self.step.cfg.max_grad_norm)?;
-                // The same skip semantics as `TrainStep::apply`.
-                if let Some(s) = &mut self.step.precision.scaler {
-                    s.update(!z.stepped);
-                }
+                let out = self.step.apply_zero(g, zero, weight)?;
                 self.opt.step = zero.steps();
-                StepOutcome {
-                    loss: g.loss,
-                    td_abs: g.td_abs,
-                    q_mean: g.q_mean,
-                    grad_norm: z.grad_norm,
-                    stepped: z.stepped,
-                    micro_batches: g.micro_batches,
-                    loss_scale: g.loss_scale,
-                }
+                out
             }
         };
         if !out.stepped && self.step.precision.scaler.is_none() {

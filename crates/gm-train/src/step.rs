@@ -94,6 +94,7 @@ use crate::checkpoint::{
 use crate::grads::Grads;
 use crate::optim::AdamW;
 use crate::precision::{MixedPrecision, Precision};
+use crate::zero::ZeroOptimizer;
 use crate::{Error, Result};
 
 /// Which techniques one training step uses, and the loss's constants.
@@ -503,18 +504,49 @@ impl TrainStep {
         if stepped {
             opt.step(&grads)?;
         }
+        Ok(self.outcome(
+            StepGrads {
+                grads,
+                loss_scale,
+                loss,
+                td_abs,
+                q_mean,
+                micro_batches,
+            },
+            grad_norm,
+            stepped,
+        ))
+    }
+
+    /// [`apply`](Self::apply) for a data-parallel rank: the update goes
+    /// through the sharded optimizer (collective: every rank calls it at
+    /// the same step), `weight` is this rank's share of the global batch.
+    /// Non-finite gradients on any rank skip the update on every rank and
+    /// back the loss scaler off, as in `apply`.
+    pub fn apply_zero(
+        &mut self,
+        g: StepGrads,
+        zero: &mut ZeroOptimizer,
+        weight: f64,
+    ) -> Result<StepOutcome> {
+        let z = zero.step(&g.grads, weight, g.loss_scale, self.cfg.max_grad_norm)?;
+        Ok(self.outcome(g, z.grad_norm, z.stepped))
+    }
+
+    /// Ends a step: the loss scaler learns whether it was skipped.
+    fn outcome(&mut self, g: StepGrads, grad_norm: f64, stepped: bool) -> StepOutcome {
         if let Some(s) = &mut self.precision.scaler {
             s.update(!stepped);
         }
-        Ok(StepOutcome {
-            loss,
-            td_abs,
-            q_mean,
+        StepOutcome {
+            loss: g.loss,
+            td_abs: g.td_abs,
+            q_mean: g.q_mean,
             grad_norm,
             stepped,
-            micro_batches,
-            loss_scale,
-        })
+            micro_batches: g.micro_batches,
+            loss_scale: g.loss_scale,
+        }
     }
 }
 
