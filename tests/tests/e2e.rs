@@ -8,67 +8,21 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_grandmodel-e2e");
-
-/// A tiny run: few bars, a small batch, early updates, no step planning
-/// beyond two measurements, quick monitor samples.
-const TINY: &[&str] = &[
-    "--set",
-    "run.synthetic_bars=4000",
-    "--set",
-    "run.eval_episodes=3",
-    "--set",
-    "run.log_every_steps=10",
-    "--set",
-    "run.learning_starts_transitions=160",
-    "--set",
-    "training.target_effective_batch=16",
-    "--set",
-    "training.batch_auto_scale=false",
-    "--set",
-    "training.mixed_precision=false",
-    "--set",
-    "training.gradient_checkpointing=false",
-    "--set",
-    "memory.monitor_interval_secs=0.2",
-    "--set",
-    "memory.leak_check_interval_secs=0.05",
-];
-
-fn grandmodel(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    // The config must come from the test, not from the environment.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GM_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+mod common;
+use common::{
+    component, config_line, grandmodel, interrupted_step, metrics, report, stderr, train_args,
+    Lines, TINY,
+};
 
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Result<Output> {
     let steps = steps.to_string();
     let out = out.to_str().context("utf-8 path")?;
-    let mut args = vec!["train", "--steps", &steps, "--out", out];
-    args.extend_from_slice(TINY);
-    args.extend_from_slice(extra);
-    Ok(grandmodel(&args).output()?)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn report(out: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(out.join("report.json"))?;
-    Ok(serde_json::from_str(&text)?)
+    Ok(grandmodel(&train_args(out, &steps, extra)).output()?)
 }
 
 /// The last line of stderr: the one-sentence error.
@@ -122,14 +76,7 @@ fn a_short_run_writes_every_report_with_sane_numbers() -> Result<()> {
     for c in ["replay", "params", "optimizer_state", "activations"] {
         assert!(comps.contains(&c), "{comps:?}");
     }
-    let params = mem["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "params")
-        .unwrap()["bytes"]
-        .as_u64()
-        .unwrap();
+    let params = component(&r, "params").unwrap();
     assert!(params > 10_000, "{params}");
     assert!(mem["leak"]["snapshots"].as_u64().unwrap() > 0);
     assert!(mem["heap"]["peak_bytes"].as_u64().unwrap() > 0);
@@ -137,10 +84,7 @@ fn a_short_run_writes_every_report_with_sane_numbers() -> Result<()> {
     assert!(plan["peak_before_bytes"].as_u64().unwrap() > 0);
     assert_eq!(plan["plain_batch"], 16);
     // metrics.jsonl: one record per 10 steps, memory figures in each.
-    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let lines = metrics(&out)?;
     assert_eq!(lines.len(), 12);
     assert_eq!(lines.last().unwrap()["step"], 120);
     assert!(lines.iter().all(|l| l["rss_bytes"].as_u64().unwrap() > 0));
@@ -244,34 +188,6 @@ fn bad_config_missing_data_and_malformed_csv_give_documented_codes() -> Result<(
     Ok(())
 }
 
-/// Reads `child`'s stderr lines into a channel.
-fn stderr_lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().expect("piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &mpsc::Receiver<String>, what: &str, timeout: Duration) -> Result<String> {
-    let end = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while Instant::now() < end {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.contains(what) => return Ok(l),
-            Ok(l) => seen.push(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
-    bail!("no line with {what:?} on stderr; saw: {seen:?}")
-}
-
 #[test]
 fn prometheus_is_scraped_and_interrupt_then_resume_equals_an_uninterrupted_run() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -291,8 +207,8 @@ fn prometheus_is_scraped_and_interrupt_then_resume_equals_an_uninterrupted_run()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let rx = stderr_lines(&mut child);
-    let line = wait_for(&rx, "metrics at http://", Duration::from_secs(300))?;
+    let err = Lines::stderr(&mut child);
+    let line = err.containing("metrics at http://", Duration::from_secs(300))?;
     let url = line.split_whitespace().last().context("url")?.to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     // The monitor samples every 0.2 s: a scrape shows process memory and
@@ -320,15 +236,10 @@ fn prometheus_is_scraped_and_interrupt_then_resume_equals_an_uninterrupted_run()
         .args(["-INT", &child.id().to_string()])
         .status()?;
     assert!(status.success());
-    let msg = wait_for(&rx, "interrupted at step", Duration::from_secs(300))?;
+    let msg = err.containing("interrupted at step", Duration::from_secs(300))?;
     let code = child.wait()?.code();
     assert_eq!(code, Some(130), "{msg}");
-    let k: u64 = msg
-        .split("interrupted at step ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .context("step")?
-        .parse()?;
+    let k = interrupted_step(&msg)?;
     assert!(a.join("checkpoint/manifest.json").is_file());
     let total = (k + 20).max(115);
     // Resume to `total` steps (the saved config is reused).
@@ -378,8 +289,7 @@ fn a_tight_budget_is_never_exceeded() -> Result<()> {
     let peak = r["summary"]["peak_rss_bytes"].as_u64().unwrap();
     assert!(peak <= limit, "peak RSS {peak} above the limit {limit}");
     // Every sample of the run stayed under it too.
-    for l in std::fs::read_to_string(out.join("metrics.jsonl"))?.lines() {
-        let v: Value = serde_json::from_str(l)?;
+    for v in metrics(&out)? {
         assert!(v["rss_bytes"].as_u64().unwrap() <= limit, "{v}");
     }
     // The replay was sized to its share of the limit.
@@ -404,12 +314,7 @@ fn config_show_names_origins_and_report_measures_every_component() -> Result<()>
     .output()?;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout)?;
-    let line = |k: &str| -> String {
-        text.lines()
-            .find(|l| l.starts_with(k))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let line = |k: &str| config_line(&text, k);
     assert!(line("memory.warning_fraction").contains("# file"), "{text}");
     assert!(
         line("training.max_batch").contains("= 256")
@@ -435,7 +340,7 @@ fn config_show_names_origins_and_report_measures_every_component() -> Result<()>
     ])
     .output()?;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json"))?)?;
+    let r = report(&out)?;
     let rows = r["rows"].as_array().context("rows")?;
     let names: Vec<&str> = rows
         .iter()

@@ -4,26 +4,19 @@
 //! differ with the `mpi` feature of this package. (The run itself under
 //! `mpirun`: `train_mpi.rs`, feature `mpi`.)
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use anyhow::Result;
 
-const BIN: &str = env!("CARGO_BIN_EXE_grandmodel-e2e");
+mod common;
+use common::{config_line, env_remove_prefixed, stderr};
 
 fn grandmodel(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    // Neither the config nor an MPI launcher's variables may leak in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GM_") || k.starts_with("OMPI_") || k.starts_with("PMI") {
-            c.env_remove(k);
-        }
-    }
+    let mut c = common::grandmodel(args);
+    // Neither the config (`GM_*`, removed by `common::grandmodel`) nor an
+    // MPI launcher's variables may leak in.
+    env_remove_prefixed(&mut c, &["OMPI_", "PMI"]);
     c
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -123,12 +116,7 @@ fn help_and_config_show_know_the_ranks() -> Result<()> {
         .output()?;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout)?;
-    let line = |k: &str| -> String {
-        text.lines()
-            .find(|l| l.starts_with(k))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let line = |k: &str| config_line(&text, k);
     assert!(
         line("run.ranks").contains("= 4") && line("run.ranks").contains("# flag --ranks"),
         "{text}"

@@ -11,58 +11,19 @@
 //! Needs Open MPI's `mpirun` on `PATH`: without it the test fails, unless
 //! `GM_SKIP_MPI=1`, when it says it skipped.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use gm_system::parallel::{mpirun_check, MpirunCheck};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_grandmodel-e2e");
-
-/// The e2e tests' tiny run: few bars, a small batch, early updates, no
-/// step planning beyond two measurements, quick monitor samples.
-const TINY: &[&str] = &[
-    "--set",
-    "run.synthetic_bars=4000",
-    "--set",
-    "run.eval_episodes=3",
-    "--set",
-    "run.log_every_steps=10",
-    "--set",
-    "run.learning_starts_transitions=160",
-    "--set",
-    "training.target_effective_batch=16",
-    "--set",
-    "training.batch_auto_scale=false",
-    "--set",
-    "training.mixed_precision=false",
-    "--set",
-    "training.gradient_checkpointing=false",
-    "--set",
-    "memory.monitor_interval_secs=0.2",
-    "--set",
-    "memory.leak_check_interval_secs=0.05",
-];
-
-/// The config must come from the test, not from the environment.
-fn clean_env(c: &mut Command) {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GM_") {
-            c.env_remove(k);
-        }
-    }
-}
-
-/// `grandmodel ARGS` as one plain process.
-fn grandmodel(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    clean_env(&mut c);
-    c
-}
+mod common;
+use common::{
+    clean_env, component, grandmodel, interrupted_step, json, metrics, report, text, train_args,
+    Lines, BIN,
+};
 
 /// `mpirun -n RANKS grandmodel ARGS` (gm-shard's launch command).
 fn mpirun(ranks: usize, args: &[&str]) -> Command {
@@ -70,63 +31,6 @@ fn mpirun(ranks: usize, args: &[&str]) -> Command {
     c.args(args);
     clean_env(&mut c);
     c
-}
-
-/// `train --steps STEPS --out OUT` with the tiny settings and `extra`.
-fn train_args<'a>(out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["train", "--steps", steps, "--out", out];
-    args.extend_from_slice(TINY);
-    args.extend_from_slice(extra);
-    args
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn report(out: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(out.join("report.json"))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn metrics(out: &Path) -> Result<Vec<Value>> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))?
-        .lines()
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
-}
-
-/// The bytes of a component in the report's memory section.
-fn component(r: &Value, name: &str) -> Option<u64> {
-    r["memory"]["components"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == name)?["bytes"]
-        .as_u64()
-}
-
-/// Whether Open MPI's `mpirun` can run here; without it the test fails
-/// with a clear message, or skips when `GM_SKIP_MPI=1`.
-fn mpirun_available() -> bool {
-    let found = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return true;
-    }
-    if std::env::var("GM_SKIP_MPI").as_deref() == Ok("1") {
-        eprintln!("skipped: mpirun is not on PATH (GM_SKIP_MPI=1)");
-        return false;
-    }
-    panic!(
-        "mpirun is not on PATH: install Open MPI (apt-get install openmpi-bin libopenmpi-dev) \
-         to run the data-parallel end-to-end test, or set GM_SKIP_MPI=1 to skip it"
-    );
 }
 
 /// A job still running after this fails the test (and is killed) instead
@@ -180,37 +84,11 @@ fn wait_within(child: &mut std::process::Child) -> Result<(std::process::ExitSta
     Ok((status, reader.join().unwrap_or_default()))
 }
 
-/// Reads `child`'s stdout lines into a channel.
-fn stdout_lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().expect("piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &mpsc::Receiver<String>, prefix: &str, timeout: Duration) -> Result<String> {
-    let end = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while Instant::now() < end {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.starts_with(prefix) => return Ok(l),
-            Ok(l) => seen.push(l),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
-    bail!("no line starting with {prefix:?} on stdout; saw: {seen:?}")
-}
-
 #[test]
 fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<()> {
-    if !mpirun_available() {
+    let check = mpirun_check("the data-parallel end-to-end test").map_err(anyhow::Error::msg)?;
+    if let MpirunCheck::Skip(why) = check {
+        eprintln!("{why}");
         return Ok(());
     }
     let t0 = Instant::now();
@@ -360,24 +238,18 @@ fn two_ranks_train_report_per_rank_resume_on_one_and_stop_together() -> Result<(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let rx = stdout_lines(&mut child);
-    wait_for(&rx, "step ", Duration::from_secs(120))?;
+    // Held to the end: its thread drains the job's stdout until the job ends.
+    let out = Lines::stdout(&mut child);
+    out.starting_with("step ", Duration::from_secs(120))?;
     let status = Command::new("kill")
         .args(["-USR1", &child.id().to_string()])
         .status()?;
     assert!(status.success());
     let (status, err) = wait_within(&mut child)?;
     assert_eq!(status.code(), Some(130), "{err}");
-    let k: u64 = err
-        .split("interrupted at step ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .context("the interrupt message")?
-        .parse()?;
+    let k = interrupted_step(&err)?;
     assert!(stop.join("checkpoint/manifest.json").is_file());
-    let rank1: Value = serde_json::from_str(&std::fs::read_to_string(
-        stop.join("checkpoint/rank-1/manifest.json"),
-    )?)?;
+    let rank1 = json(&stop.join("checkpoint/rank-1/manifest.json"))?;
     assert_eq!(rank1["body"]["step"].as_u64(), Some(k), "{rank1}");
     let total = (k + 10).to_string();
     let o = mpirun(

@@ -2,12 +2,14 @@
 //! `grandmodel` docs: [`mpirun_command`] builds the command,
 //! [`launched_by_mpirun`] tells a program whether it is a rank, and
 //! [`run_job`] runs a job with a deadline, so a job whose rank hangs is
-//! killed instead of hanging its caller. Plain process handling: no MPI
-//! library needed, so it is compiled without the `mpi` feature too.
+//! killed instead of hanging its caller; [`mpirun_check`] tells a test
+//! that launches jobs whether it can run here. Plain process handling: no
+//! MPI library needed, so it is compiled without the `mpi` feature too.
 
-use std::io::Read;
+use std::ffi::OsStr;
+use std::io::{ErrorKind, Read};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +84,84 @@ fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// What a test that launches MPI jobs should do, from [`mpirun_check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MpirunCheck {
+    /// `mpirun` runs here: launch the jobs.
+    Run,
+    /// `GM_SKIP_MPI=1`: skip the jobs. The text says what was skipped and
+    /// why, for the test to print.
+    Skip(String),
+}
+
+/// Whether the tests that launch MPI jobs can run here, the one check the
+/// MPI test suites share. `what` names them in the messages (say "the ZeRO
+/// MPI tests"):
+///
+/// - `GM_SKIP_MPI=1`: [`MpirunCheck::Skip`], whether or not `mpirun` is
+///   installed, with the line to print;
+/// - `mpirun --version` runs and exits 0: [`MpirunCheck::Run`];
+/// - otherwise `Err` with one sentence for the test to fail with: `mpirun`
+///   is not on `PATH` (how to install Open MPI, and that `GM_SKIP_MPI=1`
+///   skips), or it could not be run or failed (why).
+///
+/// Reads the environment and runs `mpirun --version` (output captured,
+/// nothing printed). Missing MPI is a failure unless asked to skip, so a CI
+/// machine without it cannot pass the MPI tests by accident.
+pub fn mpirun_check(what: &str) -> Result<MpirunCheck, String> {
+    let mut version = Command::new("mpirun");
+    version.arg("--version");
+    check_mpirun(
+        what,
+        std::env::var_os("GM_SKIP_MPI").as_deref(),
+        &mut version,
+    )
+}
+
+/// [`mpirun_check`] for the `main` of a `harness = false` test: `None`
+/// when the jobs are to run; otherwise the code to end `main` with, after
+/// printing why: the skip line on stdout (success), or `error: ` and the
+/// reason on stderr (failure).
+pub fn mpirun_check_exit_code(what: &str) -> Option<ExitCode> {
+    match mpirun_check(what) {
+        Ok(MpirunCheck::Run) => None,
+        Ok(MpirunCheck::Skip(why)) => {
+            println!("{why}");
+            Some(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Some(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// [`mpirun_check`] with the value of `GM_SKIP_MPI` and the `mpirun
+/// --version` command given, so that it is tested without touching the
+/// environment.
+fn check_mpirun(
+    what: &str,
+    skip: Option<&OsStr>,
+    version: &mut Command,
+) -> Result<MpirunCheck, String> {
+    if skip.is_some_and(|v| v == "1") {
+        return Ok(MpirunCheck::Skip(format!("skipped {what}: GM_SKIP_MPI=1")));
+    }
+    match version.stdin(Stdio::null()).output() {
+        Ok(o) if o.status.success() => Ok(MpirunCheck::Run),
+        Ok(o) => Err(format!(
+            "`mpirun --version` failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(format!(
+            "`mpirun` is not on PATH: install Open MPI (apt-get install openmpi-bin \
+             libopenmpi-dev) to run {what}, or set GM_SKIP_MPI=1 to skip"
+        )),
+        Err(e) => Err(format!("cannot run `mpirun --version`: {e}")),
+    }
 }
 
 /// What [`run_job`] saw.
@@ -230,6 +310,35 @@ mod tests {
         let j = run_job(&mut slow, Duration::from_millis(200)).unwrap();
         assert!(j.status.is_none(), "{j:?}");
         assert!(j.elapsed < Duration::from_secs(20), "{j:?}");
+    }
+
+    #[test]
+    fn gm_skip_mpi_skips_before_looking_for_mpirun_and_missing_mpirun_fails() {
+        let what = "the MPI tests";
+        let mut missing = Command::new("/nonexistent/mpirun");
+        let skip = check_mpirun(what, Some(OsStr::new("1")), &mut missing);
+        assert_eq!(
+            skip,
+            Ok(MpirunCheck::Skip(
+                "skipped the MPI tests: GM_SKIP_MPI=1".into()
+            ))
+        );
+        // Only "1" skips.
+        for v in [None, Some(OsStr::new("0")), Some(OsStr::new(""))] {
+            let e = check_mpirun(what, v, &mut missing).unwrap_err();
+            assert!(e.contains("`mpirun` is not on PATH"), "{e}");
+            assert!(
+                e.contains(what) && e.contains("apt-get install openmpi-bin"),
+                "{e}"
+            );
+            assert!(e.contains("GM_SKIP_MPI=1"), "{e}");
+        }
+        assert_eq!(
+            check_mpirun(what, None, &mut Command::new("true")),
+            Ok(MpirunCheck::Run)
+        );
+        let e = check_mpirun(what, None, &mut Command::new("false")).unwrap_err();
+        assert!(e.starts_with("`mpirun --version` failed"), "{e}");
     }
 
     #[test]

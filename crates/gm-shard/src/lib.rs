@@ -23,10 +23,14 @@
 //!   - `NcclComm` (feature `cuda`): one rank per CUDA device through
 //!     cudarc's NCCL, several devices in one process or, with `mpi` too,
 //!     one per MPI process (`NcclComm::from_mpi`).
+//! - [`codec`]: `u64`s as exact `f32` pieces for the small control
+//!   messages the collectives carry (counters, CRCs, fingerprints).
 //! - [`mpirun_command`], [`launched_by_mpirun`], [`run_job`]: the one way
 //!   tests, benches and docs launch jobs (`mpirun -n N
 //!   [--allow-run-as-root] --oversubscribe PROGRAM`), and a runner that
-//!   kills a job at a deadline instead of hanging (no MPI needed to build).
+//!   kills a job at a deadline instead of hanging (no MPI needed to build);
+//!   [`mpirun_check`]: whether an MPI test runs, skips (`GM_SKIP_MPI=1`)
+//!   or fails because `mpirun` is missing.
 //!
 //! # Invariants
 //! - Plans are deterministic: the same tensors (in any order) and config
@@ -66,6 +70,7 @@
 //!   gm-monitor, gm-gc or gm-market. The sharded trainer lives in gm-train.
 
 mod check;
+pub mod codec;
 mod comm;
 mod error;
 mod launch;
@@ -82,7 +87,8 @@ mod zero;
 pub use comm::{Communicator, Op};
 pub use error::{Error, Result};
 pub use launch::{
-    launched_by_mpirun, launcher_rank, launcher_world_size, mpirun_command, run_job, JobOutput,
+    launched_by_mpirun, launcher_rank, launcher_world_size, mpirun_check, mpirun_check_exit_code,
+    mpirun_command, run_job, JobOutput, MpirunCheck,
 };
 #[cfg(feature = "mpi")]
 pub use mpi::MpiComm;

@@ -29,6 +29,27 @@ pub enum ZeroStage {
     Stage2,
 }
 
+impl ZeroStage {
+    /// The stage's number (0, 1 or 2), as configs and reports write it.
+    pub fn number(self) -> u8 {
+        match self {
+            ZeroStage::Stage0 => 0,
+            ZeroStage::Stage1 => 1,
+            ZeroStage::Stage2 => 2,
+        }
+    }
+
+    /// The stage numbered `n` ([`number`](Self::number)'s inverse).
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            0 => Some(ZeroStage::Stage0),
+            1 => Some(ZeroStage::Stage1),
+            2 => Some(ZeroStage::Stage2),
+            _ => None,
+        }
+    }
+}
+
 /// The numeric precision of training with Adam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AdamPrecision {

@@ -13,8 +13,9 @@
 //! `-` filter the tests by name. `mpirun` missing from `PATH` is a failure
 //! unless `GM_SKIP_MPI=1`.
 
-use gm_shard::{launched_by_mpirun, mpirun_command, Communicator, Error, MpiComm, Op};
-use std::io::ErrorKind;
+use gm_shard::{
+    launched_by_mpirun, mpirun_check_exit_code, mpirun_command, Communicator, Error, MpiComm, Op,
+};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,28 +67,8 @@ impl Job {
 type Test = (&'static str, fn() -> Result<String, String>);
 
 fn parent_main(args: &[String]) -> ExitCode {
-    if std::env::var_os("GM_SKIP_MPI").is_some_and(|v| v == "1") {
-        println!("skipped: GM_SKIP_MPI=1");
-        return ExitCode::SUCCESS;
-    }
-    match std::process::Command::new("mpirun")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            eprintln!(
-                "error: `mpirun` is not on PATH; the MPI tests need Open MPI \
-                 (apt-get install openmpi-bin libopenmpi-dev). Set GM_SKIP_MPI=1 to skip them."
-            );
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("error: cannot run `mpirun --version`: {e}");
-            return ExitCode::FAILURE;
-        }
+    if let Some(code) = mpirun_check_exit_code("the MPI collective tests") {
+        return code;
     }
     let tests: [Test; 5] = [
         ("mpi_2_ranks", || collectives(2)),

@@ -288,18 +288,6 @@ impl Default for ShardConfig {
     }
 }
 
-impl ShardConfig {
-    /// The stage as a number (1 or 2; 0 for stage 0, which the
-    /// configuration never holds).
-    pub fn stage_number(&self) -> u8 {
-        match self.stage {
-            gm_shard::ZeroStage::Stage0 => 0,
-            gm_shard::ZeroStage::Stage1 => 1,
-            gm_shard::ZeroStage::Stage2 => 2,
-        }
-    }
-}
-
 /// Everything the system and the program are configured with.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SystemConfig {
@@ -768,11 +756,13 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "shard.stage",
         allowed: "1 (optimizer state sharded) or 2 (optimizer state and gradients sharded)",
-        get: |c| c.shard.stage_number().to_string(),
+        get: |c| c.shard.stage.number().to_string(),
         set: |c, r| {
-            c.shard.stage = match parse_u64(r)? {
-                1 => gm_shard::ZeroStage::Stage1,
-                2 => gm_shard::ZeroStage::Stage2,
+            c.shard.stage = match u8::try_from(parse_u64(r)?)
+                .ok()
+                .and_then(gm_shard::ZeroStage::from_number)
+            {
+                Some(s @ (gm_shard::ZeroStage::Stage1 | gm_shard::ZeroStage::Stage2)) => s,
                 _ => return Err("1 or 2".into()),
             };
             Ok(())

@@ -10,19 +10,21 @@
 //! [`Communicator`] trait, so the data-parallel run is tested in-process on
 //! [`gm_shard::ThreadGroup`] ranks in any build.
 //!
-//! Integers cross the `f32` collectives in 24-bit pieces (three per
-//! `u64`), which `f32` holds exactly.
+//! Integers cross the `f32` collectives in 24-bit pieces
+//! ([`gm_shard::codec`]), which `f32` holds exactly.
 
 use std::time::Duration;
 
+use gm_shard::codec::{decode_u64s, encode_u64s, U64_PIECES};
 use gm_shard::Communicator;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 
 /// How tests, benches and docs launch an `mpirun` job (gm-shard's: the
-/// flags a container needs included), and run it with a kill deadline.
-pub use gm_shard::{mpirun_command, run_job};
+/// flags a container needs included), and run it with a kill deadline;
+/// whether an MPI test can run here (or skips, `GM_SKIP_MPI=1`).
+pub use gm_shard::{mpirun_check, mpirun_command, run_job, MpirunCheck};
 
 /// The job's size and this process's rank from the MPI launcher's
 /// environment (gm-shard owns the list of variables).
@@ -200,44 +202,23 @@ impl Communicator for SharedMpi {
 
 // ------------------------------------------------------------ small collectives
 
-/// Pieces per `u64` in the `f32` collectives.
-const PIECES: usize = 3;
-
-fn encode(values: &[u64]) -> Vec<f32> {
-    values
-        .iter()
-        .flat_map(|&x| (0..PIECES).map(move |i| ((x >> (24 * i)) & 0xFF_FFFF) as f32))
-        .collect()
-}
-
-fn decode(pieces: &[f32]) -> Vec<u64> {
-    pieces
-        .chunks_exact(PIECES)
-        .map(|p| {
-            p.iter()
-                .enumerate()
-                .fold(0u64, |x, (i, &v)| x | (v as u64) << (24 * i))
-        })
-        .collect()
-}
-
 /// Copies `root`'s `values` into every rank's (collective; the same length
 /// everywhere).
 pub fn broadcast_u64s(comm: &dyn Communicator, values: &mut [u64], root: usize) -> Result<()> {
-    let mut buf = encode(values);
+    let mut buf = encode_u64s(values);
     comm.broadcast(&mut buf, root)?;
-    values.copy_from_slice(&decode(&buf));
+    values.copy_from_slice(&decode_u64s(&buf));
     Ok(())
 }
 
 /// Every rank's `values` (the same length everywhere), indexed by rank, on
 /// every rank (collective).
 pub fn all_gather_u64s(comm: &dyn Communicator, values: &[u64]) -> Result<Vec<Vec<u64>>> {
-    let counts = vec![values.len() * PIECES; comm.world()];
-    let all = comm.all_gather(&encode(values), &counts)?;
+    let counts = vec![values.len() * U64_PIECES; comm.world()];
+    let all = comm.all_gather(&encode_u64s(values), &counts)?;
     Ok(all
-        .chunks(values.len().max(1) * PIECES)
-        .map(decode)
+        .chunks(values.len().max(1) * U64_PIECES)
+        .map(decode_u64s)
         .collect())
 }
 
@@ -450,17 +431,6 @@ mod tests {
 
     #[test]
     fn integers_cross_the_f32_collectives_exactly() {
-        for x in [
-            0u64,
-            1,
-            0xFF_FFFF,
-            1 << 24,
-            (1 << 48) + 5,
-            u64::MAX - 1,
-            u64::MAX,
-        ] {
-            assert_eq!(decode(&encode(&[x, 7])), [x, 7]);
-        }
         let out = ThreadGroup::run(3, Duration::from_secs(10), |c| {
             let mut v = [c.rank() as u64 * 1_000_000_007, u64::MAX];
             broadcast_u64s(&c, &mut v, 1)?;

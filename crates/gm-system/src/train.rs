@@ -984,7 +984,7 @@ fn run_inner(
         if let Some(z) = learner.zero() {
             progress.message(&format!(
                 "data parallel: {world} ranks, ZeRO stage {}, {} parameters; rank 0 holds {} of optimizer state (shard plan per rank: {})",
-                cfg.shard.stage_number(),
+                cfg.shard.stage.number(),
                 z.params(),
                 b(learner.optimizer_state_bytes()),
                 z.plan()
@@ -1244,7 +1244,7 @@ fn run_inner(
                     gm_shard::zero_memory(cfg.shard.stage, AdamPrecision::F32, params, 1)?;
                 per_rank.map(|per_rank| ParallelSummary {
                     ranks: world,
-                    stage: cfg.shard.stage_number(),
+                    stage: cfg.shard.stage.number(),
                     params,
                     max_shard_bytes: z.plan().max_shard_bytes(),
                     shards: z.plan().shards().len(),
@@ -1550,7 +1550,7 @@ fn write_reports(
     if let Some(p) = &s.parallel {
         json["config"]["ranks"] = json!(p.ranks);
         json["config"]["shard"] = json!({
-            "stage": cfg.shard.stage_number(),
+            "stage": cfg.shard.stage.number(),
             "timeout_secs": cfg.shard.timeout.as_secs_f64(),
             "max_shard_bytes": cfg.shard.max_shard_bytes,
             "rebalance_hot_fraction": cfg.shard.rebalance_hot_fraction,

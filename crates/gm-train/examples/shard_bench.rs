@@ -81,10 +81,9 @@ fn parse() -> Result<Args> {
             "--batch" => a.batch = val()?.parse().context("--batch")?,
             "--steps" => a.steps = val()?.parse().context("--steps")?,
             "--stage" => {
-                a.stage = match val()?.as_str() {
-                    "1" => ZeroStage::Stage1,
-                    "2" => ZeroStage::Stage2,
-                    o => bail!("--stage: 1 or 2, not {o}"),
+                a.stage = match val()?.parse().ok().and_then(ZeroStage::from_number) {
+                    Some(s @ (ZeroStage::Stage1 | ZeroStage::Stage2)) => s,
+                    _ => bail!("--stage: 1 or 2"),
                 }
             }
             "--child" => a.child = true,
@@ -107,14 +106,6 @@ fn parse() -> Result<Args> {
         bail!("--batch {} is smaller than {n} ranks", a.batch);
     }
     Ok(a)
-}
-
-fn stage_name(s: ZeroStage) -> &'static str {
-    match s {
-        ZeroStage::Stage0 => "0",
-        ZeroStage::Stage1 => "1",
-        ZeroStage::Stage2 => "2",
-    }
 }
 
 fn main() -> Result<()> {
@@ -157,7 +148,7 @@ fn parent(a: &Args) -> Result<()> {
     let col = |k: &str| -> Value { Value::Array(runs.iter().map(|r| r[k].clone()).collect()) };
     let mut out = Map::new();
     out.insert("agent".into(), json!(if a.full { "full" } else { "small" }));
-    out.insert("stage".into(), json!(stage_name(a.stage)));
+    out.insert("stage".into(), json!(a.stage.number().to_string()));
     out.insert("batch".into(), json!(a.batch));
     out.insert("steps".into(), json!(a.steps));
     out.insert("params".into(), runs[0]["params"].clone());
@@ -208,7 +199,7 @@ fn child_args(a: &Args) -> Vec<String> {
         "--steps".into(),
         a.steps.to_string(),
         "--stage".into(),
-        stage_name(a.stage).into(),
+        a.stage.number().to_string(),
     ]
 }
 

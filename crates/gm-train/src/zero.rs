@@ -137,6 +137,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
+use gm_shard::codec::{u64_to_f32s, U64_PIECES};
 use gm_shard::{plan, Communicator, PlanConfig, ShardPlan, TensorSpec, ZeroStage};
 use serde::{Deserialize, Serialize};
 
@@ -567,21 +568,13 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
 /// Marks a fingerprint exchange from a rank whose local setup failed.
 const NO_FINGERPRINT: f32 = -1.0;
 
-/// A 64-bit value as four exact 16-bit floats.
-fn fingerprint_f32(fp: Option<u64>) -> [f32; 4] {
-    match fp {
-        Some(x) => [48, 32, 16, 0].map(|s| ((x >> s) & 0xffff) as f32),
-        None => [NO_FINGERPRINT; 4],
-    }
-}
-
 /// Exchanges fingerprints; `Ok(true)` when every rank has the same one
 /// (and none failed).
 fn agree(comm: &dyn Communicator, fp: Option<u64>, t: &mut Duration) -> Result<bool> {
-    let mine = fingerprint_f32(fp);
-    let counts = vec![4; comm.world()];
+    let mine = fp.map_or([NO_FINGERPRINT; U64_PIECES], u64_to_f32s);
+    let counts = vec![U64_PIECES; comm.world()];
     let all = timed(t, || comm.all_gather(&mine, &counts))?;
-    Ok(fp.is_some() && all.chunks(4).all(|c| c == mine))
+    Ok(fp.is_some() && all.chunks(U64_PIECES).all(|c| c == mine))
 }
 
 impl ZeroOptimizer {
@@ -708,11 +701,7 @@ impl ZeroOptimizer {
 
     /// A hash of everything the ranks must agree on.
     fn fingerprint(plan: &ShardPlan, cfg: &ZeroConfig, psi: usize) -> u64 {
-        let stage = match cfg.stage {
-            ZeroStage::Stage0 => 0,
-            ZeroStage::Stage1 => 1,
-            ZeroStage::Stage2 => 2,
-        };
+        let stage = u64::from(cfg.stage.number());
         let k = cfg.top_k.map_or(0, |a| a.k(psi) as u64 + 1);
         let mut h = plan.fingerprint();
         for x in [stage, k] {

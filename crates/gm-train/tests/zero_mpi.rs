@@ -17,7 +17,6 @@
 //! `mpirun` missing from `PATH` is a failure unless `GM_SKIP_MPI=1`.
 //! Run: `cargo test -p gm-train --features mpi --test zero_mpi`.
 
-use std::io::ErrorKind;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,7 +24,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use gm_models::init::init_seeded;
-use gm_shard::{launched_by_mpirun, mpirun_command, run_job, Communicator, MpiComm, ZeroStage};
+use gm_shard::{
+    launched_by_mpirun, mpirun_check_exit_code, mpirun_command, run_job, Communicator, MpiComm,
+    ZeroStage,
+};
 use gm_train::step::narrow_obs;
 use gm_train::{
     AdamW, AdamWConfig, AgentConfig, AgentNet, Grads, StepConfig, TdBatch, TrainStep, ZeroConfig,
@@ -66,28 +68,8 @@ fn main() -> ExitCode {
 // The parent: launches the jobs and checks how they ended.
 
 fn parent_main() -> ExitCode {
-    if std::env::var_os("GM_SKIP_MPI").is_some_and(|v| v == "1") {
-        println!("zero_mpi skipped: GM_SKIP_MPI=1");
-        return ExitCode::SUCCESS;
-    }
-    match std::process::Command::new("mpirun")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            eprintln!(
-                "error: `mpirun` is not on PATH; the ZeRO MPI tests need Open MPI \
-                 (apt-get install openmpi-bin libopenmpi-dev). Set GM_SKIP_MPI=1 to skip them."
-            );
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("error: cannot run `mpirun --version`: {e}");
-            return ExitCode::FAILURE;
-        }
+    if let Some(code) = mpirun_check_exit_code("the ZeRO MPI tests") {
+        return code;
     }
     println!("\nrunning 2 tests");
     let start = Instant::now();

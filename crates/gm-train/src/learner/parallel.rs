@@ -7,6 +7,7 @@
 //! Integers travel through the `f32` collectives in 24-bit pieces, which
 //! `f32` holds exactly.
 
+use gm_shard::codec::{f32s_to_u64, u64_to_f32s, U64_PIECES};
 use gm_shard::{Communicator, Op};
 
 use super::mix;
@@ -59,15 +60,6 @@ pub(super) fn rows(batch: usize, world: usize, rank: usize) -> usize {
     batch / world + usize::from(rank < batch % world)
 }
 
-/// `x` as two exact `f32`s (low and high 24 bits; values up to 2⁴⁸).
-fn split(x: u64) -> [f32; 2] {
-    [(x & 0xFF_FFFF) as f32, ((x >> 24) & 0xFF_FFFF) as f32]
-}
-
-fn join(p: &[f32]) -> u64 {
-    p[0] as u64 | (p[1] as u64) << 24
-}
-
 /// What the ranks agreed on for one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Agreement {
@@ -79,7 +71,7 @@ pub(super) struct Agreement {
     pub batch: usize,
 }
 
-/// The per-step agreement (one `all_gather` of 6 floats per rank): every
+/// The per-step agreement (one `all_gather` of 8 floats per rank): every
 /// rank sends its step counter, whether its replay is ready, whether it
 /// asked to stop, and the batch it proposes. Ranks at different steps are
 /// a program-order bug: an [`gm_shard::Error::ArgumentMismatch`] on every
@@ -91,26 +83,22 @@ pub(super) fn agree(
     stop: bool,
     batch: usize,
 ) -> Result<Agreement> {
-    const K: usize = 6;
-    let [s0, s1] = split(step);
-    let [b0, b1] = split(batch as u64);
-    let local = [
-        s0,
-        s1,
-        f32::from(u8::from(ready)),
-        f32::from(u8::from(stop)),
-        b0,
-        b1,
-    ];
+    const P: usize = U64_PIECES;
+    const K: usize = 2 * P + 2;
+    let mut local = [0f32; K];
+    local[..P].copy_from_slice(&u64_to_f32s(step));
+    local[P] = f32::from(u8::from(ready));
+    local[P + 1] = f32::from(u8::from(stop));
+    local[P + 2..].copy_from_slice(&u64_to_f32s(batch as u64));
     let all = comm.all_gather(&local, &vec![K; comm.world()])?;
     let mut a = Agreement {
         update: true,
         stop: false,
         batch: usize::MAX,
     };
-    let step0 = join(&all[..2]);
+    let step0 = f32s_to_u64(&all);
     for (rank, r) in all.chunks(K).enumerate() {
-        let s = join(&r[..2]);
+        let s = f32s_to_u64(r);
         if s != step0 {
             return Err(gm_shard::Error::ArgumentMismatch {
                 op: Op::AllGather,
@@ -121,9 +109,9 @@ pub(super) fn agree(
             }
             .into());
         }
-        a.update &= r[2] != 0.0;
-        a.stop |= r[3] != 0.0;
-        a.batch = a.batch.min(join(&r[4..6]) as usize);
+        a.update &= r[P] != 0.0;
+        a.stop |= r[P + 1] != 0.0;
+        a.batch = a.batch.min(f32s_to_u64(&r[P + 2..]) as usize);
     }
     Ok(a)
 }
@@ -139,10 +127,13 @@ pub(super) fn check_group(
     config_crc32: u32,
     step: u64,
 ) -> Result<()> {
-    const K: usize = 5;
-    let [c0, c1] = split(u64::from(config_crc32));
-    let [s0, s1] = split(step);
-    let local = [f32::from(u8::from(mine.is_ok())), c0, c1, s0, s1];
+    const P: usize = U64_PIECES;
+    const K: usize = 1 + 2 * P;
+    let (crc, start) = (1..1 + P, 1 + P..K);
+    let mut local = [0f32; K];
+    local[0] = f32::from(u8::from(mine.is_ok()));
+    local[crc.clone()].copy_from_slice(&u64_to_f32s(u64::from(config_crc32)));
+    local[start.clone()].copy_from_slice(&u64_to_f32s(step));
     let all = comm.all_gather(&local, &vec![K; comm.world()])?;
     mine?;
     let r0 = &all[..K];
@@ -152,23 +143,23 @@ pub(super) fn check_group(
                 "data-parallel rank {rank} could not build its learner (its error is on that rank)"
             )));
         }
-        if r[1..3] != r0[1..3] {
+        if r[crc.clone()] != r0[crc.clone()] {
             return Err(Error::config(
                 "data-parallel config",
-                format!("CRC-32 {:08x} on rank {rank}", join(&r[1..3])),
+                format!("CRC-32 {:08x} on rank {rank}", f32s_to_u64(&r[crc.clone()])),
                 format!(
                     "the same config on every rank (rank 0: {:08x})",
-                    join(&r0[1..3])
+                    f32s_to_u64(&r0[crc.clone()])
                 ),
             ));
         }
-        if r[3..5] != r0[3..5] {
+        if r[start.clone()] != r0[start.clone()] {
             return Err(Error::config(
                 "data-parallel start step",
-                format!("{} on rank {rank}", join(&r[3..5])),
+                format!("{} on rank {rank}", f32s_to_u64(&r[start.clone()])),
                 format!(
                     "the same checkpoint on every rank (rank 0 at step {})",
-                    join(&r0[3..5])
+                    f32s_to_u64(&r0[start.clone()])
                 ),
             ));
         }
@@ -188,16 +179,6 @@ mod tests {
             let r: Vec<usize> = (0..n).map(|r| rows(b, n, r)).collect();
             assert_eq!(r.iter().sum::<usize>(), b);
             assert!(r.iter().max().unwrap() - r.iter().min().unwrap() <= 1);
-        }
-        for x in [
-            0u64,
-            1,
-            0xFF_FFFF,
-            0x100_0000,
-            (1 << 48) - 1,
-            123_456_789_012,
-        ] {
-            assert_eq!(join(&split(x)), x);
         }
         assert_eq!(rank_seed(7, 0), 7);
         assert_ne!(rank_seed(7, 1), rank_seed(7, 2));
