@@ -25,7 +25,7 @@
 //!   toolkit: `GM_CUDA_DIR` (a directory made by
 //!   `../shared/cuda/setup-cuda-root.sh`, with its `env.sh`), else
 //!   `target/cuda13`, made with that script when it is missing (~1 GB of
-//!   PyPI wheels; the cold candle build then takes ~18 min on 2 cores).
+//!   PyPI wheels; the cold candle build then took 9–18 min on 2 cores).
 //!
 //! NVRTC is looked up as cudarc does (`LD_LIBRARY_PATH`); when that does not
 //! name it, the venv `.ci/run` installs (`target/nvrtc-venv`, or the
@@ -434,7 +434,7 @@ fn cuda_toolkit_dir() -> Result<PathBuf> {
 /// (release, in [`CANDLE_TARGET`]); returns the executable.
 fn build_gpu_check() -> Result<PathBuf> {
     let toolkit = cuda_toolkit_dir()?;
-    println!("==> building gpu_check with candle's CUDA backend (a cold build takes ~18 min)");
+    println!("==> building gpu_check with candle's CUDA backend (a cold build took 9-18 min here)");
     let mut cmd = Command::new("bash");
     cmd.current_dir(project_root()).args([
         "-c",

@@ -12,7 +12,8 @@
 //! On CUDA the dense attention is the only kernel: the memory-efficient and
 //! sparse attention ops are CPU custom ops (their CUDA twin is
 //! [`crate::cuda::SparseAttentionCuda`], on host slices, not wired into
-//! candle's autograd), and candle answers them with an error naming the op.
+//! candle's autograd), and [`crate::attention`] refuses them on another
+//! device with [`Error::Config`].
 
 use crate::{Error, Result};
 
@@ -80,11 +81,6 @@ pub struct DeviceMemory {
     pub total: usize,
 }
 
-/// Whether `device` is a CUDA device.
-pub fn is_cuda(device: &candle_core::Device) -> bool {
-    device.is_cuda()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,7 +90,6 @@ mod tests {
         let d = candle_device(gm_core::Device::Cpu).unwrap();
         assert!(d.is_cpu());
         assert_eq!(memory_info(&d).unwrap(), None);
-        assert!(!is_cuda(&d));
     }
 
     #[test]

@@ -473,20 +473,12 @@ impl TrainStep {
     /// skips the update on inf/NaN (the scaler backs off) and otherwise
     /// unscales; clips to `max_grad_norm`; steps `opt` (which must have been
     /// made for the master map's variables, in [`Grads`] order).
-    pub fn apply(&mut self, g: StepGrads, opt: &mut AdamW) -> Result<StepOutcome> {
-        let StepGrads {
-            mut grads,
-            loss_scale,
-            loss,
-            td_abs,
-            q_mean,
-            micro_batches,
-        } = g;
+    pub fn apply(&mut self, mut g: StepGrads, opt: &mut AdamW) -> Result<StepOutcome> {
         let finite = match &self.precision.scaler {
             Some(_) => {
-                let ok = grads.all_finite()?;
+                let ok = g.grads.all_finite()?;
                 if ok {
-                    grads.scale(1.0 / loss_scale)?;
+                    g.grads.scale(1.0 / g.loss_scale)?;
                 }
                 ok
             }
@@ -494,28 +486,17 @@ impl TrainStep {
         };
         let grad_norm = if finite {
             match self.cfg.max_grad_norm {
-                Some(m) => grads.clip_global_norm(m)?,
-                None => grads.global_norm()?,
+                Some(m) => g.grads.clip_global_norm(m)?,
+                None => g.grads.global_norm()?,
             }
         } else {
             f64::INFINITY
         };
         let stepped = grad_norm.is_finite();
         if stepped {
-            opt.step(&grads)?;
+            opt.step(&g.grads)?;
         }
-        Ok(self.outcome(
-            StepGrads {
-                grads,
-                loss_scale,
-                loss,
-                td_abs,
-                q_mean,
-                micro_batches,
-            },
-            grad_norm,
-            stepped,
-        ))
+        Ok(self.outcome(g, grad_norm, stepped))
     }
 
     /// [`apply`](Self::apply) for a data-parallel rank: the update goes
