@@ -289,10 +289,12 @@ pub(crate) fn save_optimizer(opt: &AdamW, varmap: &VarMap, path: &Path) -> Resul
     candle_core::safetensors::save(&map, path).map_err(|e| io(path, "write optimizer state", e))
 }
 
-/// Restores AdamW's moments saved by [`save_optimizer`].
+/// Restores AdamW's moments saved by [`save_optimizer`], onto the
+/// variables' device. Reads the file one tensor at a time through
+/// [`OptimizerFile`] (never the whole file into memory at once); a moment
+/// whose shape is not its variable's is an [`Error::Checkpoint`], and on
+/// any error `opt` is unchanged.
 pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> Result<()> {
-    let file = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| io(path, "read optimizer state", e))?;
     let names = Grads::empty(varmap)?;
     if names.len() != opt.m.len() {
         return Err(corrupt(
@@ -300,23 +302,32 @@ pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> R
             "optimizer and model disagree on the variables",
         ));
     }
-    for (i, (name, var, _)) in names.iter().enumerate() {
-        for (slot, key) in [
-            (&mut opt.m[i], format!("m/{name}")),
-            (&mut opt.v[i], format!("v/{name}")),
-        ] {
-            *slot = match file.get(&key) {
-                Some(t) if t.dims() == var.dims() => Some(t.to_device(var.device())?),
-                Some(t) => {
+    let mut file = OptimizerFile::open(path)?;
+    let (mut m, mut v) = (
+        Vec::with_capacity(names.len()),
+        Vec::with_capacity(names.len()),
+    );
+    for (name, var, _) in names.iter() {
+        for (out, key) in [(&mut m, format!("m/{name}")), (&mut v, format!("v/{name}"))] {
+            let moment = match file.entries.get(&key) {
+                None => None,
+                Some((shape, _)) if shape.as_slice() != var.dims() => {
                     return Err(corrupt(
                         path,
-                        format!("{key} has shape {:?}, expected {:?}", t.dims(), var.dims()),
+                        format!("{key} has shape {shape:?}, expected {:?}", var.dims()),
                     ))
                 }
-                None => None,
+                Some(_) => {
+                    let mut values = Vec::with_capacity(var.elem_count());
+                    file.read_range(&key, 0, var.elem_count(), &mut values)?;
+                    Some(Tensor::from_vec(values, var.shape(), var.device())?)
+                }
             };
+            out.push(moment);
         }
     }
+    opt.m = m;
+    opt.v = v;
     Ok(())
 }
 
@@ -331,8 +342,8 @@ pub(crate) fn load_optimizer(opt: &mut AdamW, varmap: &VarMap, path: &Path) -> R
 pub(crate) struct OptimizerFile {
     path: PathBuf,
     file: File,
-    /// Name → (element count, absolute byte offset of its data).
-    entries: HashMap<String, (usize, u64)>,
+    /// Name → (shape, absolute byte offset of its data).
+    entries: HashMap<String, (Vec<usize>, u64)>,
     /// Bytes of moment data read so far (the header not counted).
     pub bytes_read: u64,
 }
@@ -391,7 +402,7 @@ impl OptimizerFile {
                     ),
                 ));
             }
-            entries.insert(name, (count, data_start + begin));
+            entries.insert(name, (e.shape, data_start + begin));
         }
         Ok(Self {
             path: path.to_owned(),
@@ -410,9 +421,10 @@ impl OptimizerFile {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         use std::io::{Seek, SeekFrom};
-        let &(count, offset) = self
+        let (count, offset) = self
             .entries
             .get(key)
+            .map(|(shape, offset)| (shape.iter().product::<usize>(), *offset))
             .ok_or_else(|| corrupt(&self.path, format!("{key} is missing")))?;
         if start + len > count {
             return Err(corrupt(
@@ -437,8 +449,12 @@ impl OptimizerFile {
 
 impl crate::zero::StateSource for OptimizerFile {
     fn state_len(&mut self, _var: usize, name: &str) -> Result<Option<usize>> {
-        let m = self.entries.get(&format!("m/{name}")).map(|e| e.0);
-        let v = self.entries.get(&format!("v/{name}")).map(|e| e.0);
+        let len = |key: String| {
+            self.entries
+                .get(&key)
+                .map(|e| e.0.iter().product::<usize>())
+        };
+        let (m, v) = (len(format!("m/{name}")), len(format!("v/{name}")));
         match (m, v) {
             (None, None) => Ok(None),
             (Some(m), Some(v)) if m == v => Ok(Some(m)),
@@ -671,6 +687,40 @@ mod tests {
             8 * (10 + 3 + 7),
             "every moment byte read exactly once"
         );
+    }
+
+    /// The single-process resume: every moment back, bit for bit; a file
+    /// of another model is refused and leaves the optimizer as it was.
+    #[test]
+    fn the_whole_optimizer_state_round_trips_and_a_wrong_shape_changes_nothing() {
+        let (vm, adam) = model_and_state();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OPTIMIZER);
+        save_optimizer(&adam, &vm, &path).unwrap();
+        let flat = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_vec1::<f32>().unwrap());
+        let mut back = AdamW::new(AdamWConfig::default(), 4).unwrap();
+        load_optimizer(&mut back, &vm, &path).unwrap();
+        for i in 0..4 {
+            assert_eq!(flat(&back.m[i]), flat(&adam.m[i]), "m[{i}]");
+            assert_eq!(flat(&back.v[i]), flat(&adam.v[i]), "v[{i}]");
+        }
+        // The same names with other shapes: `a` has 10 elements, not 2×5.
+        let other = VarMap::new();
+        let vb = VarBuilder::from_varmap(&other, candle_core::DType::F32, &Device::Cpu);
+        for (n, s) in [
+            ("a", vec![2, 5]),
+            ("b", vec![3]),
+            ("c", vec![7]),
+            ("d", vec![5]),
+        ] {
+            vb.get_with_hints(s, n, Init::Const(0.5)).unwrap();
+        }
+        let err = load_optimizer(&mut back, &other, &path).unwrap_err();
+        assert!(
+            matches!(&err, Error::Checkpoint { reason, .. } if reason.contains("m/a has shape [10]")),
+            "{err}"
+        );
+        assert_eq!(flat(&back.m[0]), flat(&adam.m[0]), "unchanged");
     }
 
     #[test]
