@@ -10,28 +10,9 @@ use std::time::{Duration, Instant};
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// Rank `r`'s input of length `n`: values whose float sum depends on the
-/// order of addition.
-fn input(r: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (r as f32 + 1.0) * 0.1 + 1.0 / (i as f32 + 3.0) * 1e3_f32.powi(r as i32 % 3))
-        .collect()
-}
-
-/// The reference: sequential element-wise sum in rank order.
-fn reference_sum(world: usize, n: usize) -> Vec<f32> {
-    let mut acc = input(0, n);
-    for r in 1..world {
-        for (a, x) in acc.iter_mut().zip(input(r, n)) {
-            *a += x;
-        }
-    }
-    acc
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
+#[path = "../tests/common/sums.rs"]
+mod sums;
+use sums::{bits, input, reference_sum};
 
 fn counts(world: usize) -> Vec<usize> {
     (0..world).map(|r| (r + 2) % 3).collect() // 2, 0, 1, 2: includes an empty part

@@ -35,6 +35,10 @@ const STALL_SLEEP: Duration = Duration::from_secs(6);
 /// may take, so only mpirun ending the job can end rank 0's wait.
 const LONG: Duration = Duration::from_secs(60);
 
+#[path = "common/sums.rs"]
+mod sums;
+use sums::{bits, input, reference_sum};
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if launched_by_mpirun() {
@@ -280,29 +284,6 @@ fn rank_main(scenario: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-/// Rank `r`'s input of length `n`: values whose float sum depends on the
-/// order of addition.
-fn input(r: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (r as f32 + 1.0) * 0.1 + 1.0 / (i as f32 + 3.0) * 1e3_f32.powi(r as i32 % 3))
-        .collect()
-}
-
-/// The sequential element-wise sum in rank order.
-fn reference_sum(world: usize, n: usize) -> Vec<f32> {
-    let mut acc = input(0, n);
-    for r in 1..world {
-        for (a, x) in acc.iter_mut().zip(input(r, n)) {
-            *a += x;
-        }
-    }
-    acc
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Asserts that every rank holds the same bits in `v` (all-gathers it).

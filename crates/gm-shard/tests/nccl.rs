@@ -9,6 +9,10 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+#[path = "common/sums.rs"]
+mod sums;
+use sums::input;
+
 // Each rank's communicator moves to its own thread.
 const _: fn(NcclComm) -> Box<dyn Communicator + Send> = |c| Box::new(c);
 
@@ -27,13 +31,6 @@ fn devices() -> Option<usize> {
             None
         }
     }
-}
-
-/// Rank `r`'s input of length `n`.
-fn input(r: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (r as f32 + 1.0) * 0.1 + 1.0 / (i as f32 + 3.0) * 1e3_f32.powi(r as i32 % 3))
-        .collect()
 }
 
 /// Everything one rank computes.
